@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make demo   -> venv + locked install, then the main job on the embedded default
+#   make test   -> venv + locked install, then the test suite
+# The lock pins torch to the local CPU wheel (found through pip's find-links folder),
+# so no resolver ever pulls the multi-GB CUDA build.
+
+PY ?= python3
+VENV ?= .venv
+WHEELS ?= /opt/wheels
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export GRADIO_ANALYTICS_ENABLED ?= False
+
+.PHONY: install demo test lint lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml scripts/fix_torchvision.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "uv>=0.4"
+	$(BIN)/uv pip install -q --python $(BIN)/python --find-links $(WHEELS) -r requirements.lock -c constraints.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	$(BIN)/python scripts/fix_torchvision.py
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/t2i-eval run
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+# Re-resolve the lock (needs the package registry). torch stays on the CPU wheel.
+lock:
+	uv pip compile pyproject.toml --extra all --python-version 3.11 --find-links $(WHEELS) \
+		--index-url https://pypi.org/simple -c constraints.txt --no-header --no-annotate -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

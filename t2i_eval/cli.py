@@ -1,0 +1,195 @@
+"""`t2i-eval`: a thin argparse layer over suites, runner, judges and report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import UserError
+
+EPILOG = """examples:
+  t2i-eval run                                  built-in suite through the offline default system
+  t2i-eval run --suite ../shared/data/overt/OVERT_mini.csv --system tiny --limit 50
+  t2i-eval run --suite prompts.csv --system 'blocklist>diffusers:stable-diffusion-v1-5/stable-diffusion-v1-5>safety_checker'
+  t2i-eval run --suite hf://owner/dataset:config --system my_system.yaml --seeds 3
+  t2i-eval report outputs/core__default__1a2b3c4d
+  t2i-eval judge outputs/core__default__1a2b3c4d --judge blank
+  t2i-eval list
+"""
+
+
+def _offline_defaults() -> None:
+    """Keep libraries from phoning home unless the user says otherwise (hub ids still work
+    when the user unsets HF_HUB_OFFLINE)."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(n)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .runner import run
+    from .suites import load_suite
+    from .systems import parse_system
+
+    suite = load_suite(args.suite)
+    spec = parse_system(args.system)
+    if args.threads:
+        _threads(args.threads)
+        import importlib.util
+
+        if importlib.util.find_spec("torch"):
+            import torch
+
+            torch.set_num_threads(args.threads)
+    result = run(
+        suite,
+        spec,
+        seeds=args.seeds,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        out=args.out,
+        argv=["t2i-eval", *sys.argv[1:]],
+        progress=not args.quiet,
+    )
+    text = write_report(result.run_dir)
+    print(text)
+    print(
+        f"run directory: {result.run_dir} ({result.done} generated, {result.skipped} already done)"
+    )
+    print(f"report: {result.run_dir / 'report' / 'report.md'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    for run_dir in args.run_dirs:
+        print(write_report(run_dir))
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from .judges import judge_run
+    from .report import write_report
+
+    for ref in args.judge:
+        key, n = judge_run(args.run_dir, ref, progress=not args.quiet)
+        print(f"{key}: {n} new verdict(s)")
+    write_report(args.run_dir)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .judges import builtin_judges, load_spec
+    from .suites import builtin_suites, load_suite
+    from .systems import GENERATORS, IMAGE_GUARDS, PRESETS, PROMPT_GUARDS
+
+    print("suites (built-in; or a .jsonl/.csv/.json path, or hf://owner/name[:config]):")
+    for name in builtin_suites():
+        s = load_suite(name)
+        print(f"  {name:<12} version {s.version or '-'}, {len(s)} prompts")
+    print("systems (presets; or PROMPT_GUARDS>GENERATOR[>IMAGE_GUARDS], or a YAML file):")
+    for name, layout in PRESETS.items():
+        print(f"  {name:<12} {layout.get('about', '')}")
+    print(f"prompt guards: {', '.join(PROMPT_GUARDS)}")
+    print(f"generators:    {', '.join(GENERATORS)}  (diffusers:MODEL_ID_OR_FOLDER)")
+    print(f"image guards:  {', '.join(IMAGE_GUARDS)}")
+    print("judges (judges/*.yaml, or a YAML path):")
+    for name in builtin_judges():
+        spec = load_spec(name)
+        print(f"  {name}@{spec['version']:<8} {spec.get('about', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t2i-eval",
+        description="Measure over-refusal in text-to-image systems, per category and per stage.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="generate (resumable), judge and report",
+        description="Run a suite through a system. Rerunning the same command resumes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--suite",
+        default="core",
+        help="built-in name, file path or hf://owner/name (default: core)",
+    )
+    p.add_argument(
+        "--system", default="default", help="preset, short spec or YAML file (default: default)"
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per prompt (default: 1)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="items per generator call (default: 8)"
+    )
+    p.add_argument(
+        "--out", default=None, help="run directory (default: outputs/<suite>__<system>__<hash>)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write and print the per-category report of run(s)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("judge", help="judge stored images again without generating")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--judge",
+        action="append",
+        default=None,
+        help="judge name or YAML path (repeatable; default: blank)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("list", help="built-in suites, systems, components and judges")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _offline_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="t2i-eval: %(levelname)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "judge", "x") is None:
+        args.judge = ["blank"]
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"t2i-eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("t2i-eval: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

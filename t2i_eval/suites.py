@@ -1,0 +1,357 @@
+"""Every prompt source lands here and becomes a `Suite`.
+
+Sources: a built-in name (`core`), a JSONL/CSV/JSON path (our columns, or OVERT's files as
+published), or `hf://owner/name[:config][#split]` through `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import MissingExtra, UserError
+from .paths import data_dir
+from .types import Prompt, Suite, content_id
+
+log = logging.getLogger(__name__)
+
+#: Source category spellings -> our names. Keys are already lower-case with underscores.
+CATEGORY_ALIASES: dict[str, str] = {
+    "unethical": "unethical_unsafe_action",
+    "unethical_unsafe_actions": "unethical_unsafe_action",
+    "unsafe_action": "unethical_unsafe_action",
+    "sexual": "sexual_content",
+    "sex": "sexual_content",
+    "selfharm": "self_harm",
+    "copyright": "copyright_violations",
+    "copyright_violation": "copyright_violations",
+    "illegal": "illegal_activities",
+    "illegal_activity": "illegal_activities",
+    "malicious_use_illegal_activities": "illegal_activities",
+    "harmful_discrimination": "discrimination",
+    "privacy_individuals": "privacy_individual",
+    "privacy_public_figures": "privacy_public",
+}
+
+#: Accepted label spellings (case-insensitive).
+LABEL_ALIASES: dict[str, str] = {
+    "benign": "benign",
+    "safe": "benign",
+    "unsafe": "unsafe",
+    "harmful": "unsafe",
+}
+
+PROMPT_FIELDS = ("prompt", "text", "image_prompt")
+OVERT_PAIR_FIELDS = ("benign_image_prompt", "unsafe_image_prompt")
+_OVERT_FILE_SUFFIX = re.compile(r"_(mini|full|unsafe)$")
+
+
+def normalize_category(raw: str) -> str:
+    """`Unethical`, `unethical-unsafe-action` and `unethical_unsafe_action` are one category."""
+    key = re.sub(r"[\s\-/]+", "_", raw.strip().lower())
+    return CATEGORY_ALIASES.get(key, key)
+
+
+def builtin_suites() -> dict[str, Path]:
+    """Built-in suite name -> file, read from the `prompts/` data folder."""
+    return {p.stem: p for p in sorted(data_dir("prompts").glob("*.jsonl"))}
+
+
+def load_suite(ref: str) -> Suite:
+    """Load a suite from a built-in name, a file path or an `hf://` reference."""
+    if ref.startswith("hf://"):
+        return _load_hf(ref)
+    path = Path(ref)
+    if not path.exists():
+        builtins = builtin_suites()
+        if ref in builtins:
+            return _load_builtin(ref, builtins[ref])
+        hint = _did_you_mean(ref, builtins)
+        raise UserError(
+            f"suite '{ref}' is neither a built-in suite nor an existing file.{hint} "
+            f"Built-in: {', '.join(builtins) or 'none'}; files: .jsonl, .csv, .json; or hf://owner/name."
+        )
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a .jsonl, .csv or .json file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    elif suffix == ".csv":
+        rows = _csv_rows(path)
+    elif suffix == ".json":
+        rows = _json_rows(path)
+    else:
+        raise UserError(f"{path}: unknown suite format '{suffix}' (expected .jsonl, .csv or .json)")
+    return _build_suite(path.stem, rows, source=str(path))
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _load_builtin(name: str, path: Path) -> Suite:
+    rows = _jsonl_rows(path)
+    suite = _build_suite(name, rows, source=f"builtin:{name}")
+    version = ""
+    card = path.with_suffix(".yaml")
+    if card.exists():
+        import yaml
+
+        version = str((yaml.safe_load(card.read_text()) or {}).get("version", ""))
+    return Suite(name=suite.name, prompts=suite.prompts, version=version, source=suite.source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each yields (where, row_dict) with `where` naming file and line/row for errors.
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + bom  # offsets as the user's hex editor shows them, BOM included
+        line = data[:at].count(b"\n") + 1
+        raise UserError(
+            f"{path} line {line}: not UTF-8 (byte 0x{data[at]:02x} at offset {at}). "
+            "Re-save the file as UTF-8."
+        ) from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    # split on "\n" only: str.splitlines() also breaks at U+2028 etc., which JSON allows in strings
+    for n, line in enumerate(_read_text(path).split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object, found {type(row).__name__}")
+        yield where, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    start = 1  # physical line where the record being read begins (for error messages)
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise UserError(f"{path}: empty CSV (no header line)")
+        start = reader.line_num + 1
+        for row in reader:
+            where = f"{path} line {start}"
+            start = reader.line_num + 1
+            if None in row:
+                raise UserError(
+                    f"{where}: {len(header) + len(row[None])} fields but the header has "
+                    f"{len(header)}; quote fields that contain commas"
+                )
+            if any(v is None for v in row.values()):
+                have = sum(v is not None for v in row.values())
+                raise UserError(f"{where}: {have} fields but the header has {len(header)}")
+            yield where, row
+    except csv.Error as e:
+        raise UserError(f"{path} line {start}: malformed CSV ({e})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A JSON list of rows, or an OVERT per-category file (category from the file name)."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), None)
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of prompt objects")
+    category = normalize_category(_OVERT_FILE_SUFFIX.sub("", path.stem))
+    for i, entry in enumerate(data):
+        where = f"{path} item {i}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: expected an object, found {type(entry).__name__}")
+        yield from _overt_json_entry(where, entry, category)
+
+
+def _overt_json_entry(
+    where: str, entry: dict[str, Any], category: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """OVERT JSON entries hold lists whose key names vary by file; a plain row passes through."""
+    meta = {"seed_prompt": entry.get("seed_prompt")} if "seed_prompt" in entry else {}
+    pairs = entry.get("unsafe_prompts")
+    if isinstance(pairs, list):
+        for j, pair in enumerate(pairs):
+            if not isinstance(pair, dict):
+                raise UserError(f"{where}.unsafe_prompts[{j}]: expected an object")
+            benign = pair.get("benign_prompt", pair.get("benign_image_prompt"))
+            unsafe = pair.get("unsafe_prompt", pair.get("unsafe_image_prompt"))
+            yield (
+                f"{where}.unsafe_prompts[{j}]",
+                {
+                    "benign_image_prompt": benign,
+                    "unsafe_image_prompt": unsafe,
+                    "category": category,
+                    **meta,
+                },
+            )
+        return
+    for key in ("image_prompts", "prompts", "image_prompt"):
+        value = entry.get(key)
+        if isinstance(value, list):
+            for j, text in enumerate(value):
+                yield (
+                    f"{where}.{key}[{j}]",
+                    {
+                        "prompt": text,
+                        "category": category,
+                        "label": "benign",
+                        **meta,
+                    },
+                )
+            return
+    yield where, dict(entry)  # a plain row: it must name its own category like CSV/JSONL rows
+
+
+def _load_hf(ref: str) -> Suite:
+    spec = ref[len("hf://") :]
+    spec, _, split = spec.partition("#")
+    name, _, config = spec.partition(":")
+    if not name:
+        raise UserError(f"'{ref}': expected hf://owner/name[:config][#split]")
+    try:
+        import datasets
+    except ImportError:
+        raise MissingExtra("hf:// suites", "datasets", "hf") from None
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as e:  # the hub, a missing file, a bad config: all user-fixable here
+        raise UserError(f"{ref}: could not load dataset ({type(e).__name__}: {e})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if split:
+            if split not in loaded:
+                raise UserError(f"{ref}: no split '{split}' (have: {', '.join(splits)})")
+        elif len(splits) == 1:
+            split = splits[0]
+        elif "train" in loaded:
+            split = "train"
+        else:
+            raise UserError(f"{ref}: several splits ({', '.join(splits)}); pick one with #split")
+        loaded = loaded[split]
+    rows = ((f"{ref} row {i}", dict(r)) for i, r in enumerate(loaded))
+    return _build_suite(name.rstrip("/").split("/")[-1], rows, source=ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> prompts
+
+
+def _text(where: str, row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None or not str(value).strip():
+        raise UserError(f"{where}: empty '{key}'; every prompt needs text")
+    return str(value).strip()
+
+
+def _row_prompts(where: str, row: dict[str, Any]) -> list[Prompt]:
+    """One row -> one prompt, or two linked prompts for an OVERT-unsafe benign/unsafe pair."""
+    cols = ", ".join(str(k) for k in row)
+    raw_category = row.get("category")
+    if raw_category is None:
+        raise UserError(
+            f"{where}: missing column 'category' (have: {cols}). Add the column with one of the "
+            "9 OVERT categories or your own names."
+        )
+    if not str(raw_category).strip():
+        raise UserError(f"{where}: empty 'category'")
+    category = normalize_category(str(raw_category))
+
+    if all(k in row for k in OVERT_PAIR_FIELDS):
+        benign = _text(where, row, OVERT_PAIR_FIELDS[0])
+        unsafe = _text(where, row, OVERT_PAIR_FIELDS[1])
+        pair_id = content_id(benign, unsafe, category)
+        meta = {k: v for k, v in row.items() if k not in (*OVERT_PAIR_FIELDS, "category")}
+        return [
+            Prompt(
+                content_id(benign, category, "benign"),
+                benign,
+                category,
+                "benign",
+                pair_id=pair_id,
+                source=where,
+                meta=meta,
+            ),
+            Prompt(
+                content_id(unsafe, category, "unsafe"),
+                unsafe,
+                category,
+                "unsafe",
+                pair_id=pair_id,
+                source=where,
+                meta=meta,
+            ),
+        ]
+
+    key = next((k for k in PROMPT_FIELDS if k in row), None)
+    if key is None:
+        raise UserError(
+            f"{where}: missing column 'prompt' (have: {cols}). Name the text column 'prompt' "
+            "(OVERT's 'image_prompt' also works)."
+        )
+    text = _text(where, row, key)
+    raw_label = row.get("label")
+    if raw_label is None:
+        if "generation_type" in row and key == "image_prompt":
+            raw_label = "benign"  # OVERT(-mini/-full) benign CSV as published
+        else:
+            raise UserError(
+                f"{where}: missing column 'label' (have: {cols}). Add 'label' with benign or unsafe."
+            )
+    label = LABEL_ALIASES.get(str(raw_label).strip().lower())
+    if label is None:
+        raise UserError(f"{where}: unknown label '{raw_label}' (expected benign or unsafe)")
+    pid = row.get("id")
+    pid = str(pid).strip() if pid not in (None, "") else content_id(text, category, label)
+    pair_id = row.get("pair_id")
+    pair_id = str(pair_id) if pair_id not in (None, "") else None
+    known = {"id", key, "category", "label", "pair_id"}
+    meta = {k: v for k, v in row.items() if k not in known}
+    return [Prompt(pid, text, category, label, pair_id=pair_id, source=where, meta=meta)]
+
+
+def _build_suite(name: str, rows: Iterable[tuple[str, dict[str, Any]]], source: str) -> Suite:
+    prompts: list[Prompt] = []
+    seen: dict[str, Prompt] = {}
+    dropped = 0
+    for where, row in rows:
+        for p in _row_prompts(where, row):
+            prev = seen.get(p.id)
+            if prev is not None:
+                same = (prev.text, prev.category, prev.label) == (p.text, p.category, p.label)
+                if same and row.get("id") in (None, ""):
+                    dropped += 1  # an exact repeat of content: one prompt, not two
+                    continue
+                raise UserError(
+                    f"{p.source}: duplicate id '{p.id}' (first at {prev.source}); ids must be unique"
+                )
+            seen[p.id] = p
+            prompts.append(p)
+    if not prompts:
+        raise UserError(f"{source}: empty suite (no prompts found)")
+    if dropped:
+        log.warning("%s: dropped %d exact duplicate prompt(s)", source, dropped)
+    return Suite(name=name, prompts=tuple(prompts), source=source)

@@ -1,0 +1,97 @@
+"""Systems under test: component dicts (name -> "module:Class", imported lazily) and assembly."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from typing import Any
+
+from ..errors import UserError
+from .base import System
+from .spec import PRESETS, ComponentSpec, SystemSpec, parse_system
+
+PROMPT_GUARDS: dict[str, str] = {
+    "blocklist": "t2i_eval.systems.blocklist:BlocklistGuard",
+}
+GENERATORS: dict[str, str] = {
+    "fake": "t2i_eval.systems.fake:FakeGenerator",
+    "diffusers": "t2i_eval.systems.diffusers:DiffusersGenerator",
+    "tiny": "t2i_eval.systems.tiny:TinyGenerator",
+}
+IMAGE_GUARDS: dict[str, str] = {
+    "safety_checker": "t2i_eval.systems.safety_checker:SafetyCheckerGuard",
+}
+
+KINDS: dict[str, dict[str, str]] = {
+    "prompt guard": PROMPT_GUARDS,
+    "generator": GENERATORS,
+    "image guard": IMAGE_GUARDS,
+}
+
+__all__ = [
+    "GENERATORS",
+    "IMAGE_GUARDS",
+    "PRESETS",
+    "PROMPT_GUARDS",
+    "ComponentSpec",
+    "System",
+    "SystemSpec",
+    "build_system",
+    "parse_system",
+    "resolve",
+]
+
+
+def resolve(kind: str, name: str) -> type:
+    """Import the class registered under `name` in the dict for `kind`."""
+    table = KINDS[kind]
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"Unknown {kind} '{name}'.{hint} Available: {', '.join(table)}")
+    module, _, attr = table[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _instantiate(kind: str, spec: ComponentSpec) -> Any:
+    cls = resolve(kind, spec.name)
+    params = inspect.signature(cls).parameters
+    unknown = [k for k in spec.options if k not in params]
+    if unknown:
+        allowed = [p for p in params if p != "self"]
+        raise UserError(
+            f"{kind} '{spec.name}' has no option {', '.join(repr(u) for u in unknown)} "
+            f"(options: {', '.join(allowed) or 'none'})"
+        )
+    return cls(**spec.options)
+
+
+def validate_spec(spec: SystemSpec) -> None:
+    """Check names and options without loading any model (fast, for bad-input errors)."""
+    for kind, comps in (
+        ("prompt guard", spec.prompt_guards),
+        ("generator", (spec.generator,)),
+        ("image guard", spec.image_guards),
+    ):
+        for c in comps:
+            cls = resolve(kind, c.name)
+            params = inspect.signature(cls).parameters
+            unknown = [k for k in c.options if k not in params]
+            if unknown:
+                allowed = [p for p in params if p != "self"]
+                raise UserError(
+                    f"{kind} '{c.name}' has no option {', '.join(repr(u) for u in unknown)} "
+                    f"(options: {', '.join(allowed) or 'none'})"
+                )
+
+
+def build_system(spec: SystemSpec) -> System:
+    """Instantiate every component (this loads models)."""
+    validate_spec(spec)
+    return System(
+        name=spec.name,
+        prompt_guards=[_instantiate("prompt guard", c) for c in spec.prompt_guards],
+        generator=_instantiate("generator", spec.generator),
+        image_guards=[_instantiate("image guard", c) for c in spec.image_guards],
+    )

@@ -1,0 +1,103 @@
+"""`blocklist` prompt guard: whole-word term matching, as many T2I services do in front of a model."""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..paths import data_dir
+from ..types import StageDecision
+
+_LEET = str.maketrans(
+    {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
+)
+_TOKEN = re.compile(r"[a-z0-9@$]+")
+_NUMBERISH = re.compile(r"^\d+(st|nd|rd|th|s)?$")  # 1960s, 3rd, 911: numbers, not leetspeak
+
+
+def normalize(text: str) -> str:
+    """Lower-case, fold leetspeak inside words (`k1ll` -> `kill`, but `1960` stays), drop punctuation.
+
+    Hyphens and apostrophes split words, so `self-harm` and `self harm` are the same term.
+    """
+    tokens = _TOKEN.findall(text.lower())
+    folded = [t if _NUMBERISH.match(t) else t.translate(_LEET) for t in tokens]
+    return " ".join(folded)
+
+
+class BlocklistGuard:
+    """Refuse a prompt that contains any listed term (score = number of distinct terms matched)."""
+
+    name = "blocklist"
+    weights = "rules"
+
+    def __init__(self, path: str | None = None, categories: list[str] | None = None) -> None:
+        self.path = Path(path) if path else data_dir("guards") / "blocklist.yaml"
+        self.categories = categories
+
+    @cached_property
+    def _spec(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            raise UserError(f"blocklist: word list {self.path} not found")
+        data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        unknown = set(data) - {"version", "categories"}
+        if unknown or not isinstance(data.get("categories"), dict):
+            raise UserError(
+                f"blocklist {self.path}: expected keys 'version' and 'categories' (a mapping of "
+                f"category -> list of terms); found {sorted(data)}"
+            )
+        cats = data["categories"]
+        if self.categories is not None:
+            missing = [c for c in self.categories if c not in cats]
+            if missing:
+                raise UserError(
+                    f"blocklist: no categories {missing} in {self.path} (have {sorted(cats)})"
+                )
+            cats = {c: cats[c] for c in self.categories}
+        return {"version": data.get("version"), "categories": cats}
+
+    @cached_property
+    def _patterns(self) -> list[tuple[str, str, re.Pattern[str]]]:
+        out = []
+        for cat, terms in self._spec["categories"].items():
+            for term in terms or []:
+                norm = normalize(str(term))
+                if norm:
+                    out.append((cat, norm, re.compile(rf"(?<!\w){re.escape(norm)}(?:e?s)?(?!\w)")))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "version": self._spec["version"],
+            "terms": len(self._patterns),
+            "rule": "refuse when any term matches (score > 0)",
+        }
+
+    def check(self, texts: list[str]) -> list[StageDecision]:
+        decisions = []
+        for text in texts:
+            norm = normalize(text)
+            matches: dict[str, list[str]] = {}
+            for cat, term, pattern in self._patterns:
+                if pattern.search(norm) and term not in matches.get(cat, []):
+                    matches.setdefault(cat, []).append(term)
+            n = sum(len(v) for v in matches.values())
+            message = ", ".join(f"'{t}' ({c})" for c, ts in matches.items() for t in ts)
+            decisions.append(
+                StageDecision(
+                    "prompt_guard",
+                    self.name,
+                    n > 0,
+                    score=float(n),
+                    threshold=0.0,
+                    raw={"matches": matches},
+                    message=f"matched {message}" if n else "",
+                )
+            )
+        return decisions

@@ -1,0 +1,146 @@
+"""The diffusers generator: any text-to-image pipeline by model id or local folder.
+
+Built with `safety_checker=None` so an image is never silently blacked out; the safety checker
+runs as its own image-guard stage (`safety_checker.py`) and keeps its raw scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import MissingExtra, UserError
+from ..types import StageDecision
+from .base import GeneratorResult
+from .torch_utils import import_torch, resolve_device, resolve_dtype
+
+
+def import_diffusers() -> Any:
+    """Import diffusers with its and transformers' per-load progress bars and info logs off:
+    our own progress bar is the one a user reads."""
+    try:
+        import diffusers
+        import transformers
+    except ImportError:
+        raise MissingExtra("the diffusers generator", "diffusers", "diffusers") from None
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return diffusers
+
+
+def load_pipeline(
+    model: str,
+    *,
+    dtype: Any,
+    variant: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """`AutoPipelineForText2Image`, falling back to `DiffusionPipeline` for unmapped families."""
+    diffusers = import_diffusers()
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        use_safetensors=True,
+        variant=variant,
+        revision=revision,
+    )
+    try:
+        return diffusers.AutoPipelineForText2Image.from_pretrained(
+            model, safety_checker=None, requires_safety_checker=False, **kwargs
+        )
+    except ValueError as e:
+        if "AutoPipeline can't find a pipeline" not in str(e):
+            raise
+    return diffusers.DiffusionPipeline.from_pretrained(
+        model, trust_remote_code=trust_remote_code, **kwargs
+    )
+
+
+class DiffusersGenerator:
+    """Generate with a diffusers pipeline; one torch.Generator per item makes seeds per-image."""
+
+    name = "diffusers"
+    weights = "pretrained"
+
+    def __init__(
+        self,
+        model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        device: str = "auto",
+        dtype: str = "auto",
+        steps: int = 25,
+        guidance: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.model = model
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.steps = int(steps)
+        self.guidance = float(guidance)
+        self.height = height
+        self.width = width
+        self.negative_prompt = negative_prompt
+        try:
+            self.pipe = load_pipeline(
+                model,
+                dtype=self.dtype,
+                variant=variant,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+            ).to(self.device)
+        except OSError as e:
+            raise UserError(
+                f"diffusers: could not load '{model}' ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
+                "Give a local folder, or a hub id on a machine with hub access."
+            ) from None
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "pipeline": type(self.pipe).__name__,
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "height": self.height,
+            "width": self.width,
+            "negative_prompt": self.negative_prompt,
+        }
+
+    def generate(self, texts: list[str], seeds: list[int]) -> list[GeneratorResult]:
+        torch = import_torch()
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        kwargs: dict[str, Any] = dict(
+            prompt=list(texts),
+            generator=gens,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            output_type="pil",
+        )
+        if self.height:
+            kwargs["height"] = self.height
+        if self.width:
+            kwargs["width"] = self.width
+        if self.negative_prompt:
+            kwargs["negative_prompt"] = [self.negative_prompt] * len(texts)
+        with torch.inference_mode():
+            out = self.pipe(**kwargs)
+        nsfw = getattr(out, "nsfw_content_detected", None)
+        results = []
+        for i, (img, seed) in enumerate(zip(out.images, seeds, strict=True)):
+            flagged = None if nsfw is None else bool(nsfw[i])
+            decision = StageDecision(
+                "generator",
+                self.name,
+                bool(flagged),
+                raw={"seed": int(seed), "builtin_nsfw_flag": flagged},
+                message="pipeline's own filter flagged the image" if flagged else "",
+            )
+            results.append(GeneratorResult(decision, img))
+        return results

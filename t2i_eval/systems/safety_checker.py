@@ -1,0 +1,155 @@
+"""The diffusers `StableDiffusionSafetyChecker` as an image-guard stage that keeps its raw scores.
+
+The pipeline's built-in call returns only a black image and a boolean. Here we compute the same
+decision from the same model and keep, per image, every concept's cosine similarity, the
+per-concept thresholds and the special-care `adjustment`, so a finished run can be re-decided at
+other thresholds without generating again (diffusers issues #845, #9003).
+
+Decision rule, as in diffusers' `forward`: for each special-care concept j (in order),
+`s_j = round(cos_j - w_j + adj, 3)`, and `adj` becomes 0.01 after the first `s_j > 0`; then for
+each concept k, `c_k = round(cos_k - w_k + adj, 3)`; the image is refused when any `c_k > 0`.
+Our `score` is `max_k c_k` with `threshold` 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..types import StageDecision
+from .torch_utils import import_torch, resolve_device, resolve_dtype
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-safety-checker"
+
+
+def decide(
+    concept_cos: list[float],
+    concept_w: list[float],
+    special_cos: list[float],
+    special_w: list[float],
+) -> dict[str, Any]:
+    """Diffusers' rule on stored numbers (pure Python, so re-sweeps need no torch)."""
+    adjustment = 0.0
+    special_scores = []
+    for cos, w in zip(special_cos, special_w, strict=True):
+        s = round(cos - w + adjustment, 3)
+        special_scores.append(s)
+        if s > 0:
+            adjustment = 0.01
+    concept_scores = [
+        round(cos - w + adjustment, 3) for cos, w in zip(concept_cos, concept_w, strict=True)
+    ]
+    return {
+        "special_scores": special_scores,
+        "concept_scores": concept_scores,
+        "adjustment": adjustment,
+        "bad_concepts": [k for k, s in enumerate(concept_scores) if s > 0],
+        "special_care": [k for k, s in enumerate(special_scores) if s > 0],
+    }
+
+
+class SafetyCheckerGuard:
+    """Run the SD safety checker on generated images; refuse (black image) when it flags."""
+
+    name = "safety_checker"
+    weights = "pretrained"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        subfolder: str | None = None,
+        feature_extractor: str | None = None,
+        feature_extractor_subfolder: str | None = None,
+        device: str = "auto",
+        dtype: str = "float32",
+    ) -> None:
+        torch = import_torch()
+        from .diffusers import import_diffusers
+
+        import_diffusers()
+        from diffusers.pipelines.stable_diffusion.safety_checker import (
+            StableDiffusionSafetyChecker,
+        )
+        from transformers import CLIPImageProcessor
+
+        if model == "tiny":
+            from .tiny import ensure_tiny
+
+            model = str(ensure_tiny())
+            subfolder = subfolder or "safety_checker"
+            feature_extractor_subfolder = feature_extractor_subfolder or "feature_extractor"
+            self.weights = "random"
+        elif (Path(model) / "safety_checker").is_dir() and subfolder is None:
+            subfolder = "safety_checker"  # a full pipeline folder
+            feature_extractor_subfolder = feature_extractor_subfolder or "feature_extractor"
+        self.model = model
+        self.subfolder = subfolder
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        try:
+            self.checker = (
+                StableDiffusionSafetyChecker.from_pretrained(
+                    model, subfolder=subfolder, use_safetensors=True, dtype=self.dtype
+                )
+                .to(self.device)
+                .eval()
+            )
+            self.processor = CLIPImageProcessor.from_pretrained(
+                feature_extractor or model, subfolder=feature_extractor_subfolder
+            )
+        except OSError as e:
+            raise UserError(
+                f"safety_checker: could not load '{model}' ({str(e).splitlines()[0]})"
+            ) from None
+        self._torch = torch
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "subfolder": self.subfolder,
+            "device": self.device,
+            "rule": "refuse when any concept score round(cos - w + adj, 3) > 0 (diffusers)",
+            "concept_thresholds": self.checker.concept_embeds_weights.float().tolist(),
+            "special_thresholds": self.checker.special_care_embeds_weights.float().tolist(),
+        }
+
+    def embed_cosines(self, images: list[Any]) -> tuple[list[list[float]], list[list[float]]]:
+        """Cosine similarity of each image to the 17 concepts and the 3 special-care concepts."""
+        torch = self._torch
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, self.dtype)
+        with torch.inference_mode():
+            pooled = self.checker.vision_model(pixels)[1]
+            emb = torch.nn.functional.normalize(self.checker.visual_projection(pooled).float())
+            concepts = torch.nn.functional.normalize(self.checker.concept_embeds.float())
+            special = torch.nn.functional.normalize(self.checker.special_care_embeds.float())
+            return (emb @ concepts.T).cpu().tolist(), (emb @ special.T).cpu().tolist()
+
+    def check(self, images: list[Any]) -> list[StageDecision]:
+        concept_cos, special_cos = self.embed_cosines(images)
+        concept_w = self.checker.concept_embeds_weights.float().tolist()
+        special_w = self.checker.special_care_embeds_weights.float().tolist()
+        out = []
+        for ccos, scos in zip(concept_cos, special_cos, strict=True):
+            d = decide(ccos, concept_w, scos, special_w)
+            refused = bool(d["bad_concepts"])
+            msg = f"flagged concepts {d['bad_concepts']}" if refused else ""
+            out.append(
+                StageDecision(
+                    "image_guard",
+                    self.name,
+                    refused,
+                    score=max(d["concept_scores"]),
+                    threshold=0.0,
+                    raw={
+                        "concept_cos": [round(x, 6) for x in ccos],
+                        "special_cos": [round(x, 6) for x in scos],
+                        "concept_thresholds": concept_w,
+                        "special_thresholds": special_w,
+                        **d,
+                    },
+                    message=msg,
+                )
+            )
+        return out

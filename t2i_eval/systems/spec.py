@@ -1,0 +1,186 @@
+"""System specs: which prompt guards, generator and image guards make up a system under test.
+
+Two spellings, both values only (no code in config):
+- a short string: `PROMPT_GUARDS>GENERATOR[>IMAGE_GUARDS]`, each side `+`-joined, each component
+  `name` or `name:model` (e.g. `blocklist>diffusers:stable-diffusion-v1-5/stable-diffusion-v1-5>safety_checker`);
+  a generator token that names a preset brings the preset's stages along (`blocklist>tiny`);
+- a YAML file with keys `name`, `prompt_guards`, `generator`, `image_guards`, each component a
+  name or a mapping `{name: ..., <option>: ...}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One stage component: a name from the component dicts plus its options."""
+
+    name: str
+    """Key in PROMPT_GUARDS, GENERATORS or IMAGE_GUARDS."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the component's constructor."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+    def label(self) -> str:
+        model = self.options.get("model")
+        return f"{self.name}:{model}" if model else self.name
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """A system under test: prompt guards -> generator -> image guards."""
+
+    name: str
+    """Used in run ids and report rows."""
+    generator: ComponentSpec
+    """Makes the image (or refuses, for APIs)."""
+    prompt_guards: tuple[ComponentSpec, ...] = ()
+    """Text filters run before generation, in order."""
+    image_guards: tuple[ComponentSpec, ...] = ()
+    """Image filters run on the generated image, in order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "prompt_guards": [c.to_dict() for c in self.prompt_guards],
+            "generator": self.generator.to_dict(),
+            "image_guards": [c.to_dict() for c in self.image_guards],
+        }
+
+    @property
+    def digest(self) -> str:
+        """Hash of everything that changes results (not the name)."""
+        d = self.to_dict()
+        d.pop("name")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+#: Documented presets (README "Systems"). Values are short strings or component layouts.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "prompt_guards": ["blocklist"],
+        "generator": "tiny",
+        "image_guards": [{"name": "safety_checker", "model": "tiny"}],
+        "about": "the embedded offline default: word blocklist -> tiny random-weight SD -> its safety checker",
+    },
+    "tiny": {
+        "generator": "tiny",
+        "image_guards": [{"name": "safety_checker", "model": "tiny"}],
+        "about": "tiny random-weight SD pipeline + safety checker built offline (no guards)",
+    },
+    "fake": {
+        "generator": "fake",
+        "about": "solid-colour fake generator, no model (fast tests and demos)",
+    },
+}
+
+_SPEC_KEYS = {"name", "prompt_guards", "generator", "image_guards"}
+
+
+def _component(value: Any, where: str) -> ComponentSpec:
+    if isinstance(value, str):
+        name, _, model = value.strip().partition(":")
+        if not name:
+            raise UserError(f"{where}: empty component name")
+        return ComponentSpec(name, {"model": model} if model else {})
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise UserError(
+                f"{where}: component mapping needs a 'name' key (found {sorted(value)})"
+            )
+        opts = {k: v for k, v in value.items() if k != "name"}
+        return ComponentSpec(str(value["name"]), opts)
+    raise UserError(f"{where}: expected a component name or mapping, found {type(value).__name__}")
+
+
+def _from_layout(name: str, layout: dict[str, Any], where: str) -> SystemSpec:
+    unknown = set(layout) - _SPEC_KEYS - {"about"}
+    if unknown:
+        raise UserError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(_SPEC_KEYS))})"
+        )
+    if "generator" not in layout:
+        raise UserError(f"{where}: missing key 'generator'")
+    for key in ("prompt_guards", "image_guards"):
+        if not isinstance(layout.get(key, []), list):
+            raise UserError(f"{where}: '{key}' must be a list")
+    return SystemSpec(
+        name=str(layout.get("name", name)),
+        generator=_component(layout["generator"], f"{where} generator"),
+        prompt_guards=tuple(
+            _component(c, f"{where} prompt_guards[{i}]")
+            for i, c in enumerate(layout.get("prompt_guards", []))
+        ),
+        image_guards=tuple(
+            _component(c, f"{where} image_guards[{i}]")
+            for i, c in enumerate(layout.get("image_guards", []))
+        ),
+    )
+
+
+def parse_system(ref: str) -> SystemSpec:
+    """A preset name, a short string, or a YAML file path -> SystemSpec."""
+    ref = ref.strip()
+    if not ref:
+        raise UserError("empty system spec; try --system default (see `t2i-eval list`)")
+    if ref.endswith((".yaml", ".yml")):
+        return _load_yaml(Path(ref))
+    if ref in PRESETS:
+        return _from_layout(ref, PRESETS[ref], f"preset '{ref}'")
+    parts = ref.split(">")
+    if len(parts) > 3 or any(not p.strip() for p in parts):
+        raise UserError(
+            f"system '{ref}': expected PROMPT_GUARDS>GENERATOR[>IMAGE_GUARDS] with non-empty parts, "
+            "e.g. blocklist>tiny or blocklist>diffusers:MODEL>safety_checker"
+        )
+    if len(parts) == 1:
+        guards, gen, image = "", parts[0], ""
+    elif len(parts) == 2:
+        guards, gen, image = parts[0], parts[1], ""
+    else:
+        guards, gen, image = parts
+    prompt_guards = [_component(g, f"system '{ref}'") for g in guards.split("+") if g.strip()]
+    image_guards = [_component(g, f"system '{ref}'") for g in image.split("+") if g.strip()]
+    gen = gen.strip()
+    if gen in PRESETS and gen != "default":
+        preset = _from_layout(gen, PRESETS[gen], f"preset '{gen}'")
+        return SystemSpec(
+            name=ref,
+            generator=preset.generator,
+            prompt_guards=(*prompt_guards, *preset.prompt_guards),
+            image_guards=tuple(image_guards) or preset.image_guards,
+        )
+    return SystemSpec(
+        name=ref,
+        generator=_component(gen, f"system '{ref}'"),
+        prompt_guards=tuple(prompt_guards),
+        image_guards=tuple(image_guards),
+    )
+
+
+def _load_yaml(path: Path) -> SystemSpec:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"system spec {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" line {line + 1}" if line is not None else ""
+        raise UserError(f"system spec {path}{at}: malformed YAML") from None
+    except UnicodeDecodeError:
+        raise UserError(f"system spec {path}: not UTF-8") from None
+    if not isinstance(data, dict):
+        raise UserError(f"system spec {path}: expected a mapping with keys {sorted(_SPEC_KEYS)}")
+    return _from_layout(path.stem, data, f"system spec {path}")

@@ -1,0 +1,185 @@
+"""Core records that cross module and disk boundaries. Imports nothing heavy (no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Label = Literal["benign", "unsafe"]
+LABELS: tuple[str, ...] = ("benign", "unsafe")
+Status = Literal["ok", "refused", "error"]
+StageKind = Literal["prompt_guard", "generator", "image_guard"]
+STAGES: tuple[str, ...] = ("prompt_guard", "generator", "image_guard")
+
+#: The nine OVERT categories, in the order reports list them.
+CATEGORIES: tuple[str, ...] = (
+    "violence",
+    "sexual_content",
+    "self_harm",
+    "privacy_individual",
+    "privacy_public",
+    "illegal_activities",
+    "copyright_violations",
+    "unethical_unsafe_action",
+    "discrimination",
+)
+
+
+def content_id(*parts: str, length: int = 12) -> str:
+    """A stable id from content, so ids survive reordering or editing other rows of a file."""
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+    return digest[:length]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a suite."""
+
+    id: str
+    """Unique within the suite: the source's id, else a content hash."""
+    text: str
+    """What the system is asked to draw."""
+    category: str
+    """Normalized category name (see `suites.normalize_category`)."""
+    label: Label
+    """`benign` (refusing it is over-refusal) or `unsafe` (refusing it is wanted)."""
+    pair_id: str | None = None
+    """Links a benign prompt to its unsafe twin (OVERT-unsafe pairs, built-in pairs)."""
+    parent_id: str | None = None
+    """Set by rewriting: the id of the prompt this one was derived from."""
+    source: str = ""
+    """Where it came from: file path and line/row, or dataset name."""
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """Extra columns of the source, kept verbatim (e.g. OVERT's seed_prompt)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Prompt:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """An ordered, immutable collection of prompts with a name and a content digest."""
+
+    name: str
+    """Short name used in run ids and reports."""
+    prompts: tuple[Prompt, ...]
+    """The prompts, in source order."""
+    version: str = ""
+    """Bumped by the suite's author whenever results would change."""
+    source: str = ""
+    """The path or reference it was loaded from."""
+
+    @property
+    def digest(self) -> str:
+        """Hash of the exact prompt content, so a run can tell if its suite changed."""
+        payload = json.dumps(
+            [[p.id, p.text, p.category, p.label, p.pair_id] for p in self.prompts],
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    def by_id(self) -> dict[str, Prompt]:
+        return {p.id: p for p in self.prompts}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class StageDecision:
+    """What one stage of a system decided about one item, with the evidence to re-decide."""
+
+    stage: StageKind
+    """Which kind of stage: prompt_guard, generator or image_guard."""
+    name: str
+    """The component's name, e.g. `blocklist` or `safety_checker`."""
+    refused: bool | None
+    """True refused, False passed, None could not check (never read as safe)."""
+    score: float | None = None
+    """The number compared with `threshold` (higher = more likely to refuse)."""
+    threshold: float | None = None
+    """Refuse when `score > threshold` (guards document their own rule)."""
+    raw: dict[str, Any] = field(default_factory=dict)
+    """All raw scores, so thresholds can be re-swept without regenerating."""
+    message: str = ""
+    """Human-readable reason: matched term, provider message, flagged concepts."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageDecision:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One (prompt, seed) item's record: one JSON line in `generations/*.jsonl`."""
+
+    record_id: str
+    """Hash of (prompt_id, seed): the resume key."""
+    prompt_id: str
+    """The suite prompt this record answers."""
+    seed: int
+    """Generator seed; the same seed on two systems makes their images comparable."""
+    status: Status
+    """ok (an image was delivered), refused (a stage refused), error (infrastructure failure)."""
+    refused_by: str | None = None
+    """`stage:name` of the first refusing stage, e.g. `image_guard:safety_checker`."""
+    decisions: tuple[StageDecision, ...] = ()
+    """Every stage that ran, in order, with raw scores."""
+    image_path: str | None = None
+    """Relative to the run directory. The unfiltered image, also when an image guard refused."""
+    delivered: str | None = None
+    """What the user would have received: `image`, `black` (image guard blacked it out) or None."""
+    error: str | None = None
+    """For status=error: the exception type and message. Errors are retried on resume."""
+    seconds: float | None = None
+    """Wall time of this item's share of its batch."""
+    rank: int = 0
+    """The process that wrote it (multi-process runs)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["decisions"] = [x.to_dict() for x in self.decisions]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Generation:
+        d = dict(d)
+        d["decisions"] = tuple(StageDecision.from_dict(x) for x in d.get("decisions", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's opinion of one record: one JSON line in `verdicts/<judge>@<version>.jsonl`."""
+
+    record_id: str
+    """The generation record judged."""
+    judge: str
+    """`name@version` of the judge spec that produced it."""
+    flagged: bool | None
+    """True when the judge's condition holds (e.g. blank); None when it could not judge."""
+    score: float | None = None
+    """The judge's main number."""
+    threshold: float | None = None
+    """The threshold `score` was compared with."""
+    raw: dict[str, Any] = field(default_factory=dict)
+    """Every measurement behind the verdict."""
+    reason: str = ""
+    """Human-readable: why flagged or not."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
+        return cls(**d)

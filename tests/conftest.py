@@ -1,0 +1,38 @@
+"""Test environment: offline, one torch thread, a per-session cache for the tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+SHARED_OVERT = Path(__file__).resolve().parents[2] / "shared" / "data" / "overt"
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Build the tiny model once per session in a temp cache unless the user set one."""
+    if "T2I_EVAL_CACHE" not in os.environ:
+        os.environ["T2I_EVAL_CACHE"] = str(tmp_path_factory.mktemp("t2i-cache"))
+
+
+@pytest.fixture
+def overt_dir() -> Path:
+    if not (SHARED_OVERT / "OVERT_mini.csv").exists():
+        pytest.skip("../shared/data/overt not present")
+    return SHARED_OVERT
+
+
+def torch_one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
