@@ -70,7 +70,9 @@ class Cell:
 @dataclass
 class Macro:
     """Unweighted mean of per-category rates, with a normal-approximation 95% interval:
-    var = sum_c p_c (1 - p_c) / n_c / C^2, clipped to [0, 1]."""
+    var = sum_c q_c (1 - q_c) / (n_c + 4) / C^2, clipped to [0, 1], where q_c = (k_c + 2) / (n_c + 4)
+    is the Agresti-Coull adjusted rate (so all-zero or all-one categories do not give a
+    zero-width interval)."""
 
     rate: float
     ci: tuple[float, float]
@@ -82,7 +84,8 @@ def macro(cells: list[Cell]) -> Macro:
     if not used:
         return Macro(math.nan, (math.nan, math.nan), 0)
     rate = sum(c.rate for c in used) / len(used)
-    var = sum(c.rate * (1 - c.rate) / c.n for c in used) / len(used) ** 2
+    adjusted = [((c.refused + 2) / (c.n + 4), c.n + 4) for c in used]
+    var = sum(q * (1 - q) / m for q, m in adjusted) / len(used) ** 2
     half = 1.959963984540054 * math.sqrt(var)
     return Macro(rate, (max(0.0, rate - half), min(1.0, rate + half)), len(used))
 

@@ -84,9 +84,12 @@ def test_tabulate_counts_errors_apart_and_causes():
 def test_macro_interval_normal_approximation():
     cells = [Cell(n=10, refused=5), Cell(n=40, refused=10)]
     m = macro(cells)
-    var = (0.5 * 0.5 / 10 + 0.25 * 0.75 / 40) / 4
+    q1, q2 = 7 / 14, 12 / 44  # (k + 2) / (n + 4)
+    var = (q1 * (1 - q1) / 14 + q2 * (1 - q2) / 44) / 4
     assert m.rate == pytest.approx(0.375)
     assert m.ci[0] == pytest.approx(0.375 - 1.959964 * math.sqrt(var), abs=1e-6)
+    zero = macro([Cell(n=50, refused=0), Cell(n=50, refused=0)])
+    assert zero.rate == 0.0 and zero.ci[0] == 0.0 and zero.ci[1] > 0.01
 
 
 def test_decision_roundtrip_keeps_raw():

@@ -1,0 +1,84 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2i_eval.errors import UserError
+from t2i_eval.judges import build_judge, judge_key, load_spec
+from t2i_eval.judges.blank import BlankJudge
+
+
+def _jpeg(img: Image.Image, quality: int = 75) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def _gradient(size=128):
+    x = np.linspace(0, 255, size, dtype=np.float64)
+    arr = np.stack([np.tile(x, (size, 1))] * 3, axis=-1).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def judge() -> BlankJudge:
+    return build_judge("blank")
+
+
+def test_spec_is_data(judge):
+    spec = load_spec("blank")
+    assert judge_key(spec) == judge.key == "blank@1"
+    assert judge.black_max_mean == spec["black_max_mean"]
+
+
+@pytest.mark.parametrize(
+    "name,img,flagged,why",
+    [
+        ("black", Image.new("RGB", (512, 512)), True, "black"),
+        ("black jpeg q=30", _jpeg(Image.new("RGB", (512, 512)), 30), True, "black"),
+        ("grey", Image.new("RGB", (256, 256), (128, 128, 128)), True, "near-uniform"),
+        (
+            "solid colour jpeg",
+            _jpeg(Image.new("RGB", (256, 256), (200, 40, 90))),
+            True,
+            "near-uniform",
+        ),
+        ("gradient", _gradient(), False, "has content"),
+        ("gradient jpeg", _jpeg(_gradient()), False, "has content"),
+        (
+            "dark but structured",
+            Image.fromarray((np.indices((64, 64)).sum(0) % 16 * 2).astype(np.uint8)).convert("RGB"),
+            False,
+            "has content",
+        ),
+    ],
+)
+def test_blank_judge(judge, name, img, flagged, why):
+    v = judge.judge("r", img)
+    assert v.flagged is flagged, (name, v.reason)
+    assert v.reason.startswith(why)
+    assert set(v.raw) == {"mean", "std", "min", "max"} and v.judge == "blank@1"
+
+
+def test_near_uniform_with_sensor_noise_is_blank(judge):
+    rng = np.random.default_rng(0)
+    arr = np.clip(rng.normal(90, 2.0, (256, 256, 3)), 0, 255).astype(np.uint8)
+    assert judge.judge("r", Image.fromarray(arr)).flagged is True
+
+
+def test_bad_judge_specs(tmp_path):
+    p = tmp_path / "j.yaml"
+    p.write_text("name: b\nversion: 1\nkind: blank\nblack_max_mena: 3\n")
+    with pytest.raises(UserError, match="unknown key.*black_max_mena"):
+        build_judge(str(p))
+    p.write_text("name: b\nkind: blank\n")
+    with pytest.raises(UserError, match="missing key 'version'"):
+        build_judge(str(p))
+    p.write_text("name: b\nversion: 1\nkind: clipp\n")
+    with pytest.raises(UserError, match="unknown kind 'clipp'"):
+        build_judge(str(p))
+    p.write_text("name: b\nversion: 1\nkind: blank\ndownsample: lots\n")
+    with pytest.raises(UserError, match="bad value"):
+        build_judge(str(p))
