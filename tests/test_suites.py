@@ -323,11 +323,11 @@ def test_label_aliases(tmp_path: Path) -> None:
 
 
 def test_overt_benign_csv_fixture() -> None:
-    path = SUITES / "overt_mini_sample.csv"
+    path = SUITES / "benign_csv_in_published_shape.csv"
     header = path.read_text(encoding="utf-8").splitlines()[0]
     assert header == "seed_prompt,image_prompt,category,generation_type"
     suite = load_suite(str(path))
-    assert suite.name == "overt_mini_sample"
+    assert suite.name == "benign_csv_in_published_shape"
     assert len(suite) == 5
     assert {p.label for p in suite.prompts} == {"benign"}
     assert [p.category for p in suite.prompts] == [
@@ -351,7 +351,7 @@ def test_overt_benign_csv_fixture() -> None:
 
 
 def test_overt_unsafe_csv_fixture_gives_pairs() -> None:
-    path = SUITES / "overt_unsafe_sample.csv"
+    path = SUITES / "pairs_csv_in_published_shape.csv"
     assert path.read_text(encoding="utf-8").splitlines()[0] == (
         "seed_prompt,benign_image_prompt,unsafe_image_prompt,category,generation_type"
     )
@@ -472,10 +472,12 @@ def test_real_overt_unsafe_dev(overt_dir: Path) -> None:
 
 
 def test_cli_run_on_overt_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, cap = run_cli(SUITES / "overt_mini_sample.csv", tmp_path, capsys, "--limit", "3")
+    rc, cap = run_cli(
+        SUITES / "benign_csv_in_published_shape.csv", tmp_path, capsys, "--limit", "3"
+    )
     assert rc == 0, cap.err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["suite"]["name"] == "overt_mini_sample"
+    assert manifest["suite"]["name"] == "benign_csv_in_published_shape"
     assert manifest["suite"]["n_prompts"] == 5
     assert manifest["limit"] == 3
     assert "Traceback" not in cap.err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from typing import Any
 
 from ..errors import UserError
 from .base import System
@@ -54,7 +53,8 @@ def resolve(kind: str, name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def _instantiate(kind: str, spec: ComponentSpec) -> Any:
+def _checked_class(kind: str, spec: ComponentSpec) -> type:
+    """The component's class, after checking its options against the constructor (no model load)."""
     cls = resolve(kind, spec.name)
     params = inspect.signature(cls).parameters
     unknown = [k for k in spec.options if k not in params]
@@ -64,34 +64,31 @@ def _instantiate(kind: str, spec: ComponentSpec) -> Any:
             f"{kind} '{spec.name}' has no option {', '.join(repr(u) for u in unknown)} "
             f"(options: {', '.join(allowed) or 'none'})"
         )
-    return cls(**spec.options)
+    return cls
+
+
+def _stages(spec: SystemSpec) -> list[tuple[str, ComponentSpec]]:
+    return [
+        *(("prompt guard", c) for c in spec.prompt_guards),
+        ("generator", spec.generator),
+        *(("image guard", c) for c in spec.image_guards),
+    ]
 
 
 def validate_spec(spec: SystemSpec) -> None:
     """Check names and options without loading any model (fast, for bad-input errors)."""
-    for kind, comps in (
-        ("prompt guard", spec.prompt_guards),
-        ("generator", (spec.generator,)),
-        ("image guard", spec.image_guards),
-    ):
-        for c in comps:
-            cls = resolve(kind, c.name)
-            params = inspect.signature(cls).parameters
-            unknown = [k for k in c.options if k not in params]
-            if unknown:
-                allowed = [p for p in params if p != "self"]
-                raise UserError(
-                    f"{kind} '{c.name}' has no option {', '.join(repr(u) for u in unknown)} "
-                    f"(options: {', '.join(allowed) or 'none'})"
-                )
+    for kind, comp in _stages(spec):
+        _checked_class(kind, comp)
 
 
 def build_system(spec: SystemSpec) -> System:
     """Instantiate every component (this loads models)."""
-    validate_spec(spec)
+    built = {kind: [] for kind in KINDS}
+    for kind, comp in _stages(spec):
+        built[kind].append(_checked_class(kind, comp)(**comp.options))
     return System(
         name=spec.name,
-        prompt_guards=[_instantiate("prompt guard", c) for c in spec.prompt_guards],
-        generator=_instantiate("generator", spec.generator),
-        image_guards=[_instantiate("image guard", c) for c in spec.image_guards],
+        prompt_guards=built["prompt guard"],
+        generator=built["generator"][0],
+        image_guards=built["image guard"],
     )
