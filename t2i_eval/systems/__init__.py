@@ -12,9 +12,13 @@ from .spec import PRESETS, ComponentSpec, SystemSpec, parse_system
 
 PROMPT_GUARDS: dict[str, str] = {
     "blocklist": "t2i_eval.systems.blocklist:BlocklistGuard",
+    "profanity": "t2i_eval.systems.text_guards:ProfanityGuard",
+    "concept": "t2i_eval.systems.text_guards:ConceptGuard",
+    "classifier": "t2i_eval.systems.text_guards:ClassifierGuard",
 }
 GENERATORS: dict[str, str] = {
     "fake": "t2i_eval.systems.fake:FakeGenerator",
+    "guards-only": "t2i_eval.systems.base:GuardsOnly",
     "diffusers": "t2i_eval.systems.diffusers:DiffusersGenerator",
     "tiny": "t2i_eval.systems.tiny:TinyGenerator",
 }

@@ -46,6 +46,23 @@ class GeneratorResult:
     image: Any = None
 
 
+class GuardsOnly:
+    """A generator that generates nothing: evaluate text guards on thousands of prompts fast.
+
+    Items that pass every prompt guard end as status ok with no image ("accepted").
+    """
+
+    name = "guards-only"
+    weights = "none"
+    produces_images = False
+
+    def info(self) -> dict[str, Any]:
+        return {"rule": "stops after the prompt stage; no image is generated"}
+
+    def generate(self, texts: list[str], seeds: list[int]) -> list[GeneratorResult]:
+        raise RuntimeError("guards-only generates no images")
+
+
 @dataclass(frozen=True)
 class WorkItem:
     record_id: str
@@ -124,7 +141,18 @@ class System:
             _check_len(guard, decisions, active)
             active = _apply(results, active, decisions, "prompt_guard")
 
-        if active:
+        if active and not getattr(self.generator, "produces_images", True):
+            for i in active:  # guards-only: what passed the prompt stage is "accepted"
+                results[i].decisions.append(
+                    StageDecision(
+                        "generator",
+                        self.generator.name,
+                        False,
+                        message="not generated (guards-only)",
+                    )
+                )
+            active = []
+        elif active:
             outs = self.generator.generate(
                 [items[i].text for i in active], [items[i].seed for i in active]
             )
@@ -151,7 +179,7 @@ class System:
 
         for r in results:
             if r.status == "ok":
-                r.delivered = "image"
+                r.delivered = "image" if r.image is not None else None  # None: guards-only
             elif r.refused_by and r.refused_by.startswith("image_guard:"):
                 r.delivered = "black"  # what diffusers' built-in checker hands the user
         return results

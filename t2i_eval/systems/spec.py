@@ -82,7 +82,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generator": "fake",
         "about": "solid-colour fake generator, no model (fast tests and demos)",
     },
+    "guards": {
+        "prompt_guards": ["blocklist", "profanity", "concept"],
+        "generator": "guards-only",
+        "about": "every offline text guard in a row, no generation (guards-only)",
+    },
 }
+
+
+def _is_prompt_guard(name: str) -> bool:
+    """A bare prompt-guard name as a whole system means `<guard>>guards-only`."""
+    from . import PROMPT_GUARDS  # the one list of guard names (import here: it imports us)
+
+    return name in PROMPT_GUARDS
+
 
 _SPEC_KEYS = {"name", "prompt_guards", "generator", "image_guards"}
 
@@ -143,7 +156,11 @@ def parse_system(ref: str) -> SystemSpec:
             f"system '{ref}': expected PROMPT_GUARDS>GENERATOR[>IMAGE_GUARDS] with non-empty parts, "
             "e.g. blocklist>tiny or blocklist>diffusers:MODEL>safety_checker"
         )
-    if len(parts) == 1:
+    if len(parts) == 1 and all(
+        _is_prompt_guard(g.strip().partition(":")[0]) for g in parts[0].split("+")
+    ):
+        guards, gen, image = parts[0], "guards-only", ""  # `concept` = concept>guards-only
+    elif len(parts) == 1:
         guards, gen, image = "", parts[0], ""
     elif len(parts) == 2:
         guards, gen, image = parts[0], parts[1], ""
