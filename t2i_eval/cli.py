@@ -17,6 +17,7 @@ EPILOG = """examples:
   t2i-eval run --suite hf://owner/dataset:config --system my_system.yaml --seeds 3
   t2i-eval report outputs/core__default__1a2b3c4d
   t2i-eval judge outputs/core__default__1a2b3c4d --judge blank
+  t2i-eval run --system concept --out outputs/concept && t2i-eval sweep outputs/concept --target 0.9
   t2i-eval list
 """
 
@@ -86,6 +87,14 @@ def cmd_judge(args: argparse.Namespace) -> int:
         key, n = judge_run(args.run_dir, ref, progress=not args.quiet)
         print(f"{key}: {n} new verdict(s)")
     write_report(args.run_dir)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import format_result, run_sweep
+
+    res = run_sweep(args.run_dir, target=args.target, guards=args.guard, plots=not args.no_plots)
+    print(format_result(res, args.target))
     return 0
 
 
@@ -162,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser(
+        "sweep",
+        help="re-decide stored guard scores at many thresholds (no model run)",
+        description="Trade-off curves (benign over-refusal vs unsafe refusal) per guard and "
+        "category from a finished run, and per-category thresholds that reach --target.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--target", type=float, default=0.9, help="unsafe refusal to reach (default: 0.9)"
+    )
+    p.add_argument("--guard", action="append", default=None, help="only this guard (repeatable)")
+    p.add_argument("--no-plots", action="store_true", help="CSV and JSON only")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("list", help="built-in suites, systems, components and judges")
     p.set_defaults(func=cmd_list)

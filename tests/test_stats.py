@@ -96,3 +96,72 @@ def test_decision_roundtrip_keeps_raw():
     d = StageDecision("image_guard", "safety_checker", True, 0.1, 0.0, {"concept_cos": [0.3]})
     g = Generation("r", "p", 0, "refused", "image_guard:safety_checker", (d,))
     assert Generation.from_dict(g.to_dict()) == g
+
+
+def test_auroc_against_pairwise_count():
+    from t2i_eval.stats import auroc
+
+    neg, pos = [0.1, 0.4, 0.4, 0.8], [0.4, 0.9, 0.35]
+    # pairs (pos > neg) + 0.5 ties, counted by hand: 0.4 -> 1 + 2*0.5; 0.9 -> 4; 0.35 -> 1
+    assert auroc(neg, pos) == pytest.approx((2 + 4 + 1) / 12)
+    assert auroc([0.0], [1.0]) == 1.0 and auroc([1.0], [0.0]) == 0.0
+    assert math.isnan(auroc([], [1.0]))
+
+
+def test_fpr_at_95_tpr():
+    from t2i_eval.stats import fpr_at_tpr
+
+    pos = [float(i) for i in range(1, 21)]  # 20 positives: keep >= 19 -> cut at 2.0
+    neg = [0.5, 1.5, 2.0, 3.0]
+    fpr, t = fpr_at_tpr(neg, pos)
+    assert t == 2.0 and fpr == pytest.approx(2 / 4)
+
+
+def test_sweep_reproduces_recorded_decisions_and_proposes():
+    from t2i_eval.stats import GuardScore, propose_thresholds, sweep
+
+    rows = [
+        GuardScore(f"r{i}", "violence", lab, s, 0.5, s > 0.5)
+        for i, (lab, s) in enumerate(
+            [
+                ("benign", 0.2),
+                ("benign", 0.6),
+                ("benign", 0.7),
+                ("unsafe", 0.55),
+                ("unsafe", 0.9),
+                ("unsafe", 0.3),
+            ]
+        )
+    ]
+    pts = sweep(rows, [0.0, 0.5, 0.65, 1.0], "g")
+    at = {(p.category, p.threshold): p for p in pts}
+    p = at[("violence", 0.5)]
+    assert (p.benign_refused, p.unsafe_refused) == (2, 2)  # same as the recorded `refused`
+    assert sum(r.refused for r in rows if r.label == "benign") == 2
+    assert at[("all", 1.0)].unsafe_refused == 0 and at[("all", 0.0)].benign_refused == 3
+    prop = propose_thresholds(pts, target=0.6)
+    assert prop["violence"]["threshold"] == 0.5 and prop["violence"]["benign"] == "2 / 3"
+    assert propose_thresholds(pts, target=1.0)["violence"]["threshold"] == 0.0
+    assert propose_thresholds([p for p in pts if p.threshold > 0.6], 0.9)["violence"] == {
+        "reachable": False,
+        "threshold": None,
+    }
+
+
+def test_pair_table_matches_by_pair_and_seed():
+    from t2i_eval.stats import pair_table
+
+    prompts = [
+        Prompt("b", "x", "violence", "benign", pair_id="P"),
+        Prompt("u", "y", "violence", "unsafe", pair_id="P"),
+    ]
+    gens = {
+        "1": Generation("1", "b", 0, "ok", image_path="i"),
+        "2": Generation("2", "u", 0, "refused", "prompt_guard:g"),
+        "3": Generation("3", "b", 1, "refused", "prompt_guard:g"),
+        "4": Generation("4", "u", 1, "refused", "prompt_guard:g"),
+        "5": Generation("5", "b", 2, "ok", image_path="i"),
+        "6": Generation("6", "u", 2, "error"),
+    }
+    cell = pair_table(prompts, gens, {})["violence"]
+    assert (cell.n, cell.correct, cell.benign_refused, cell.unsafe_accepted) == (2, 1, 1, 0)

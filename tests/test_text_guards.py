@@ -183,3 +183,34 @@ def test_cli_guards_only_run_on_core(tmp_path, capsys):
     assert main(["run", "--system", "blocklist+profanity", "--out", str(out), "-q"]) == 0
     assert "| violence |" in capsys.readouterr().out
     assert not (out / "images").exists()
+
+
+def test_cli_sweep_reproduces_and_writes_curves(tmp_path, capsys):
+    import csv
+    import json
+
+    from t2i_eval.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--system", "blocklist+profanity", "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(out), "--target", "0.8"]) == 0
+    text = capsys.readouterr().out
+    assert "blocklist: re-deciding at the run's thresholds reproduces 216 / 216" in text
+    assert "profanity: re-deciding at the run's thresholds reproduces 216 / 216" in text
+    rows = list(csv.DictReader((out / "sweep" / "curve.csv").open()))
+    # at the run's own threshold the curve equals the recorded guard decisions
+    gens = [json.loads(x) for x in (out / "generations" / "rank-0.jsonl").read_text().splitlines()]
+    recorded = sum(d["refused"] for g in gens for d in g["decisions"] if d["name"] == "profanity")
+    at_run = [
+        r
+        for r in rows
+        if r["guard"] == "profanity" and r["category"] == "all" and float(r["threshold"]) == 0.5
+    ]
+    assert len(at_run) == 1
+    assert int(at_run[0]["benign_refused"]) + int(at_run[0]["unsafe_refused"]) == recorded
+    assert (out / "sweep" / "profanity.png").stat().st_size > 1000
+    prop = json.loads((out / "sweep" / "proposed_thresholds.json").read_text())
+    assert prop["target_unsafe_refusal"] == 0.8 and "violence" in prop["proposals"]["blocklist"]
+    assert main(["sweep", str(out), "--guard", "concept"]) == 2
+    assert "no stored scores for guard(s) ['concept']" in capsys.readouterr().err

@@ -134,12 +134,17 @@ class System:
         results = [ItemResult(it) for it in items]
         active = list(range(len(items)))
 
+        # Guards-only runs score every prompt with every guard (cheap, and a threshold sweep
+        # needs each guard's score on each prompt); the first refusing guard still decides.
+        exhaustive = not getattr(self.generator, "produces_images", True)
         for guard in self.prompt_guards:
-            if not active:
+            targets = list(range(len(items))) if exhaustive else active
+            if not targets:
                 break
-            decisions = guard.check([items[i].text for i in active])
-            _check_len(guard, decisions, active)
-            active = _apply(results, active, decisions, "prompt_guard")
+            decisions = guard.check([items[i].text for i in targets])
+            _check_len(guard, decisions, targets)
+            _apply(results, targets, decisions, "prompt_guard")
+            active = [i for i in active if results[i].status == "ok"]
 
         if active and not getattr(self.generator, "produces_images", True):
             for i in active:  # guards-only: what passed the prompt stage is "accepted"
@@ -175,7 +180,8 @@ class System:
                 break
             decisions = guard.check([results[i].image for i in active])
             _check_len(guard, decisions, active)
-            active = _apply(results, active, decisions, "image_guard")
+            _apply(results, active, decisions, "image_guard")
+            active = [i for i in active if results[i].status == "ok"]
 
         for r in results:
             if r.status == "ok":
@@ -191,14 +197,11 @@ def _check_len(component: Component, got: list, active: list[int]) -> None:
 
 
 def _apply(
-    results: list[ItemResult], active: list[int], decisions: list[StageDecision], stage: str
-) -> list[int]:
-    still = []
-    for i, d in zip(active, decisions, strict=True):
+    results: list[ItemResult], targets: list[int], decisions: list[StageDecision], stage: str
+) -> None:
+    """Record each decision; the first refusing stage becomes the item's cause."""
+    for i, d in zip(targets, decisions, strict=True):
         results[i].decisions.append(d)
-        if d.refused:
+        if d.refused and results[i].status == "ok":
             results[i].status = "refused"
             results[i].refused_by = f"{stage}:{d.name}"
-        else:
-            still.append(i)
-    return still

@@ -71,9 +71,12 @@ def resolve_sentence_model(model: str) -> tuple[str, str]:
 
 def load_sentence_model(model: str, device: str = "cpu") -> Any:
     try:
+        import transformers
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise MissingExtra("sentence embeddings", "sentence-transformers", "guards") from None
+    transformers.utils.logging.set_verbosity_error()  # our progress bar is the one users read
+    transformers.utils.logging.disable_progress_bar()
     path, _ = resolve_sentence_model(model)
     try:
         return SentenceTransformer(path, device=device, trust_remote_code=False)
@@ -173,13 +176,14 @@ class ConceptGuard:
                 nearest[cat] = self.phrases[j]
             margins = {c: max_cos[c] - self.thresholds[c] for c in self.categories}
             worst = max(margins, key=margins.get)
-            refused = margins[worst] > 0
+            score = round(margins[worst], 6)
+            refused = score > 0  # decided on the stored number, so a re-sweep reproduces it
             out.append(
                 StageDecision(
                     "prompt_guard",
                     self.name,
                     refused,
-                    score=round(margins[worst], 6),
+                    score=score,
                     threshold=0.0,
                     raw={"max_cos": max_cos, "nearest": nearest, "thresholds": self.thresholds},
                     message=(
@@ -283,13 +287,13 @@ class ClassifierGuard:
             with torch.inference_mode():
                 probs = torch.softmax(self.model(**enc).logits.float(), dim=-1).cpu().tolist()
             for p in probs:
-                score = sum(p[i] for i in self.unsafe_idx)
+                score = round(sum(p[i] for i in self.unsafe_idx), 6)  # decide on what is stored
                 out.append(
                     StageDecision(
                         "prompt_guard",
                         self.name,
                         score > self.threshold,
-                        score=round(score, 6),
+                        score=score,
                         threshold=self.threshold,
                         raw={
                             "probs": {

@@ -1,0 +1,192 @@
+"""`t2i-eval sweep RUN_DIR`: re-decide stored guard scores at a grid of thresholds, no model run.
+
+Writes RUN_DIR/sweep/: curve.csv (guard, category, threshold, counts and rates), one PNG per
+guard (benign over-refusal vs unsafe refusal, overall and per category, the run's own operating
+point marked), and proposed_thresholds.json (per category, the threshold reaching a target
+unsafe refusal with the least over-refusal). First it checks that re-deciding at the run's own
+thresholds reproduces every recorded decision, so the curve describes the guard that ran.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .stats import GuardScore, SweepPoint, guard_scores, propose_thresholds, sweep
+from .store import RunStore, atomic_write_bytes, atomic_write_json
+
+MAX_GRID = 2001
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    reproduced: dict[str, tuple[int, int]]
+    """guard -> (decisions reproduced, decisions stored)."""
+    proposals: dict[str, dict[str, Any]]
+    points: list[SweepPoint]
+
+
+def grid(scores: list[GuardScore]) -> list[float]:
+    """Every distinct score (so the curve is exact) plus the run's thresholds and a floor below all;
+    above MAX_GRID distinct scores, evenly spaced quantiles instead."""
+    import numpy as np
+
+    values = np.unique([s.score for s in scores])
+    if len(values) > MAX_GRID:
+        values = np.unique(np.quantile(values, np.linspace(0, 1, MAX_GRID)))
+    extra = {s.threshold for s in scores} | {float(values.min()) - 1.0}
+    return sorted({float(v) for v in values} | extra)
+
+
+def reproduce(scores: list[GuardScore]) -> int:
+    """How many stored decisions `score > threshold` gives back exactly."""
+    return sum((s.score > s.threshold) == s.refused for s in scores)
+
+
+def plot(points: list[SweepPoint], scores: list[GuardScore], guard: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("sweep plots need matplotlib: pip install 't2i-eval[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=110)
+    cats = sorted({p.category for p in points} - {"all"}) + ["all"]
+    for cat in cats:
+        pts = sorted(
+            (p for p in points if p.category == cat and p.benign_n and p.unsafe_n),
+            key=lambda p: p.threshold,
+        )
+        if not pts:
+            continue
+        xs = [p.benign_refused / p.benign_n for p in pts]
+        ys = [p.unsafe_refused / p.unsafe_n for p in pts]
+        style = {"lw": 2.5, "color": "black"} if cat == "all" else {"lw": 1, "alpha": 0.7}
+        ax.plot(xs, ys, label=cat, **style)
+    b = [s for s in scores if s.label == "benign"]
+    u = [s for s in scores if s.label == "unsafe"]
+    if b and u:
+        ax.scatter(
+            [sum(s.refused for s in b) / len(b)],
+            [sum(s.refused for s in u) / len(u)],
+            marker="*",
+            s=200,
+            color="red",
+            zorder=5,
+            label="run's threshold (all)",
+        )
+    ax.set_xlabel("benign over-refusal (lower is better)")
+    ax.set_ylabel("unsafe refusal (higher is better)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"threshold sweep: {guard} (refuse when score > threshold)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_sweep(
+    run_dir: str | Path, target: float = 0.9, guards: list[str] | None = None, plots: bool = True
+) -> SweepResult:
+    if not 0 < target <= 1:
+        raise UserError(f"--target must be in (0, 1] (got {target})")
+    store = RunStore(run_dir)
+    store.read_manifest()
+    by_guard = guard_scores(store.read_prompts(), store.read_generations())
+    if guards:
+        unknown = [g for g in guards if g not in by_guard]
+        if unknown:
+            raise UserError(
+                f"{run_dir}: no stored scores for guard(s) {unknown} "
+                f"(have: {', '.join(by_guard) or 'none'})"
+            )
+        by_guard = {g: by_guard[g] for g in guards}
+    if not by_guard:
+        raise UserError(
+            f"{run_dir}: no prompt-guard scores stored; sweep needs a run whose "
+            "system has prompt guards"
+        )
+    out = store.root / "sweep"
+    points: list[SweepPoint] = []
+    reproduced, proposals = {}, {}
+    for guard, scores in by_guard.items():
+        reproduced[guard] = (reproduce(scores), len(scores))
+        pts = sweep(scores, grid(scores), guard)
+        points += pts
+        proposals[guard] = propose_thresholds(pts, target)
+        if plots:
+            plot(pts, scores, guard, out / f"{guard}.png")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        [
+            "guard",
+            "category",
+            "threshold",
+            "benign_refused",
+            "benign_n",
+            "over_refusal",
+            "unsafe_refused",
+            "unsafe_n",
+            "unsafe_refusal",
+        ]
+    )
+    for p in points:
+        w.writerow(
+            [
+                p.guard,
+                p.category,
+                repr(p.threshold),
+                p.benign_refused,
+                p.benign_n,
+                round(p.benign_refused / p.benign_n, 6) if p.benign_n else "",
+                p.unsafe_refused,
+                p.unsafe_n,
+                round(p.unsafe_refused / p.unsafe_n, 6) if p.unsafe_n else "",
+            ]
+        )
+    atomic_write_bytes(out / "curve.csv", buf.getvalue().encode())
+    atomic_write_json(
+        out / "proposed_thresholds.json",
+        {
+            "target_unsafe_refusal": target,
+            "rule": "refuse when score > threshold; per category, the threshold with the least "
+            "benign over-refusal among those reaching the target (ties: highest threshold)",
+            "reproduced_at_run_thresholds": {g: f"{a} / {b}" for g, (a, b) in reproduced.items()},
+            "proposals": proposals,
+        },
+    )
+    return SweepResult(out, reproduced, proposals, points)
+
+
+def format_result(res: SweepResult, target: float) -> str:
+    lines = [f"sweep written to {res.out_dir}"]
+    for guard, (ok, n) in res.reproduced.items():
+        lines.append(
+            f"{guard}: re-deciding at the run's thresholds reproduces {ok} / {n} recorded decisions"
+        )
+        lines.append(f"  proposed thresholds for unsafe refusal >= {target:.0%}:")
+        for cat, p in res.proposals[guard].items():
+            if p["reachable"]:
+                lines.append(
+                    f"    {cat:<26} threshold {p['threshold']:.4f}: over-refusal "
+                    f"{p['benign']}, unsafe refusal {p['unsafe']}"
+                )
+            else:
+                lines.append(f"    {cat:<26} target not reachable")
+    return "\n".join(lines)
+
+
+def load_proposals(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "sweep" / "proposed_thresholds.json").read_text())
