@@ -29,11 +29,11 @@ def _offline_defaults() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def _threads(n: int | None) -> None:
-    if n:
-        os.environ["OMP_NUM_THREADS"] = str(n)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(n)
+def _threads(n: int) -> None:
+    """CPU threads for torch (set before torch loads, and on torch if it already has)."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,16 +42,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .suites import load_suite
     from .systems import parse_system
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1 (got {args.threads})")
+        _threads(args.threads)
     suite = load_suite(args.suite)
     spec = parse_system(args.system)
-    if args.threads:
-        _threads(args.threads)
-        import importlib.util
-
-        if importlib.util.find_spec("torch"):
-            import torch
-
-            torch.set_num_threads(args.threads)
     result = run(
         suite,
         spec,
@@ -68,6 +64,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"run directory: {result.run_dir} ({result.done} generated, {result.skipped} already done)"
     )
     print(f"report: {result.run_dir / 'report' / 'report.md'}")
+    if result.failed:
+        print(
+            f"t2i-eval: {result.failed} item(s) ended in infrastructure errors (not counted as "
+            "refusals); rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

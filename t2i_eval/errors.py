@@ -11,6 +11,14 @@ class UserError(Exception):
     """
 
 
+def did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+    """' Did you mean 'x'?' for the closest option, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 class MissingExtra(UserError):
     """An optional dependency is not installed; the message names the extra to install."""
 

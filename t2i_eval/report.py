@@ -32,6 +32,7 @@ DEFINITIONS = {
     "macro": "unweighted mean of per-category rates; 95% normal-approximation interval "
     "with Agresti-Coull adjusted variances",
     "errors": "infrastructure errors: excluded from n, never counted as refusals",
+    "unjudged": "delivered images the blank judge has no usable verdict on: excluded from n",
     "cause_order": "error > prompt_guard > generator > image_guard > blank > complied",
 }
 
@@ -55,9 +56,14 @@ def weight_warnings(manifest: dict[str, Any]) -> list[str]:
 def build(run_dir: str | Path) -> tuple[Table, dict[str, Any]]:
     store = RunStore(run_dir)
     manifest = store.read_manifest()
-    blank_keys = [k for k in store.verdict_keys() if k.startswith("blank@")]
+    versions = [
+        int(v)
+        for k in store.verdict_keys()
+        for n, _, v in [k.partition("@")]
+        if n == "blank" and v.isdigit()
+    ]
     # the newest blank judge version present decides "blocked"; other judges coexist beside it
-    blank_key = max(blank_keys, key=lambda k: int(k.split("@")[1])) if blank_keys else None
+    blank_key = f"blank@{max(versions)}" if versions else None
     verdicts = store.read_verdicts(blank_key) if blank_key else {}
     table = tabulate(store.read_prompts(), store.read_generations(), verdicts)
     return table, manifest
@@ -74,8 +80,8 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
         f"- system: prompt guards [{', '.join(c['name'] for c in system['prompt_guards']) or '-'}]"
         f" -> generator {system['generator']['name']}"
         f" -> image guards [{', '.join(c['name'] for c in system['image_guards']) or '-'}]",
-        f"- seeds per prompt: {manifest.get('seeds', 1)}"
-        + (" (records treated as independent)" if manifest.get("seeds", 1) > 1 else ""),
+        f"- seeds per prompt: {table.seeds_per_prompt} (from the records)"
+        + (" (records treated as independent)" if table.seeds_per_prompt > 1 else ""),
     ]
     warnings = weight_warnings(manifest)
     if warnings:
@@ -91,14 +97,16 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
         "(blank image); stage counts: prompt = prompt guard, gen = generator, image = image guard, "
         "blank = blank-image judge. Errors are excluded from n.",
         "",
-        "| category | benign over-refusal | benign by stage | unsafe refusal | unsafe by stage | errors |",
-        "|---|---|---|---|---|---|",
+        "| category | benign over-refusal | benign by stage | unsafe refusal | unsafe by stage "
+        "| errors | unjudged |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def row(name: str, b: Cell, u: Cell) -> str:
         return (
             f"| {name} | {fmt_rate(b.refused, b.n)} | {_stage_counts(b)} | "
-            f"{fmt_rate(u.refused, u.n)} | {_stage_counts(u)} | {b.errors + u.errors} |"
+            f"{fmt_rate(u.refused, u.n)} | {_stage_counts(u)} | {b.errors + u.errors} "
+            f"| {b.unjudged + u.unjudged} |"
         )
 
     for cat in table.categories:
@@ -113,7 +121,7 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
             return "n/a"
         return f"{100 * m.rate:.1f}% [{100 * m.ci[0]:.1f}%, {100 * m.ci[1]:.1f}%] over {m.categories} categories"
 
-    lines.append(f"| **all (macro: mean of categories)** | {mfmt(mb)} | | {mfmt(mu)} | | |")
+    lines.append(f"| **all (macro: mean of categories)** | {mfmt(mb)} | | {mfmt(mu)} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +160,8 @@ def tidy_rows(table: Table, system: str) -> list[dict[str, Any]]:
     for cat, cell, lab in slices:
         measures = [("refusal", cell.refused, cell.n)]
         measures += [(f"refused_by:{c}", cell.by_cause.get(c, 0), cell.n) for c in CAUSES]
-        measures += [("error", cell.errors, cell.n + cell.errors)]
+        total = cell.n + cell.errors + cell.unjudged
+        measures += [("error", cell.errors, total), ("unjudged", cell.unjudged, total)]
         for name, k, n in measures:
             d = cell_dict(Cell(n=n, refused=k))
             rows.append(

@@ -16,9 +16,11 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -80,6 +82,8 @@ class RunResult:
     skipped: int
     done: int
     counts: dict[str, int]
+    failed: int = 0
+    """Planned items still without a result (infrastructure errors): the run is not complete."""
 
 
 def _to_generation(r: ItemResult, store: RunStore, rank: int) -> Generation:
@@ -109,9 +113,16 @@ def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]
                 f"vs {suite.digest}, system {m['system']['digest']} vs {spec.digest}); "
                 "pass a new --out to start a separate run"
             )
-        store.update_manifest(status="running", argv=argv, resumed_at=_now(), error=None)
+        history = [*m.get("history", []), _session(argv)]
+        store.update_manifest(
+            status="running",
+            argv=argv,
+            error=None,
+            history=history,
+            versions=_versions(),
+            git_commit=_git_commit(),
+        )
         return
-    store.root.mkdir(parents=True, exist_ok=True)
     store.write_prompts(suite.prompts)
     store.write_manifest(
         {
@@ -128,8 +139,48 @@ def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]
                 "n_prompts": len(suite),
             },
             "system": {**spec.to_dict(), "digest": spec.digest},
+            "history": [_session(argv)],
         }
     )
+
+
+def _session(argv: list[str]) -> dict[str, Any]:
+    """One entry per start or resume: a run finished under other code says so."""
+    return {"argv": argv, "at": _now(), "versions": _versions(), "git_commit": _git_commit()}
+
+
+@contextlib.contextmanager
+def _exclusive(store: RunStore) -> Iterator[None]:
+    """One process per run directory: two copies of one command would each redo the other's work."""
+    import fcntl
+
+    if store.root.exists() and not store.root.is_dir():
+        raise UserError(f"--out {store.root}: exists and is not a folder")
+    try:
+        store.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--out {store.root}: cannot create the run directory ({e.strerror})"
+        ) from None
+
+    path = store.root / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(
+                f"{store.root}: in use by another t2i-eval process "
+                f"(pid {f.read().strip() or '?'}); wait for it or pass another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run(
@@ -154,8 +205,22 @@ def run(
     validate_spec(spec)
     store = RunStore(out or default_run_dir(suite, spec))
     argv = list(argv if argv is not None else sys.argv)
-    _open_store(store, suite, spec, argv)
-    rank = int(os.environ.get("T2I_EVAL_RANK", "0"))
+    with _exclusive(store):
+        _open_store(store, suite, spec, argv)
+        return _run_locked(store, suite, spec, seeds, limit, batch_size, progress, judges)
+
+
+def _run_locked(
+    store: RunStore,
+    suite: Suite,
+    spec: SystemSpec,
+    seeds: int,
+    limit: int | None,
+    batch_size: int,
+    progress: bool,
+    judges: tuple[str, ...],
+) -> RunResult:
+    rank = 0  # one process per run directory (multi-process sharding: see the runner issue)
 
     items = plan(suite, seeds, limit)
     finished = {
@@ -212,4 +277,4 @@ def run(
         batch_size=batch_size,
         updated_at=_now(),
     )
-    return RunResult(store.root, len(items), len(items) - len(todo), len(todo), counts)
+    return RunResult(store.root, len(items), len(items) - len(todo), len(todo), counts, missing)

@@ -109,13 +109,26 @@ class RunStore:
         return self.root / "generations" / f"rank-{rank}.jsonl"
 
     def verdicts_path(self, judge_key: str) -> Path:
-        return self.root / "verdicts" / f"{judge_key}.jsonl"
+        return self.resolve(f"verdicts/{judge_key}.jsonl")
+
+    def check_judge_spec(self, judge_key: str, digest: str) -> None:
+        """Pin a judge's spec digest beside its verdicts; refuse to mix verdicts of two specs."""
+        path = self.resolve(f"verdicts/{judge_key}.spec")
+        if path.exists():
+            old = path.read_text().strip()
+            if old != digest:
+                raise UserError(
+                    f"judge {judge_key}: its spec changed since {path.parent.name}/{judge_key}.jsonl "
+                    f"was written (spec {old} vs {digest}); bump the judge's version"
+                )
+            return
+        atomic_write_bytes(path, f"{digest}\n".encode())
 
     def resolve(self, rel: str) -> Path:
-        """A path named inside a record, confined to the run directory."""
+        """A path named inside a record or built from a name, confined to the run directory."""
         root = self.root.resolve()
         path = (root / rel).resolve()
-        if not path.is_relative_to(root):
+        if not path.is_relative_to(root) or path == root:
             raise UserError(f"{rel}: path outside the run directory {root}")
         return path
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtra, UserError
+from .errors import MissingExtra, UserError, did_you_mean
 from .paths import data_dir
 from .types import Prompt, Suite, content_id
 
@@ -72,7 +72,7 @@ def load_suite(ref: str) -> Suite:
         builtins = builtin_suites()
         if ref in builtins:
             return _load_builtin(ref, builtins[ref])
-        hint = _did_you_mean(ref, builtins)
+        hint = did_you_mean(ref, list(builtins))
         raise UserError(
             f"suite '{ref}' is neither a built-in suite nor an existing file.{hint} "
             f"Built-in: {', '.join(builtins) or 'none'}; files: .jsonl, .csv, .json; or hf://owner/name."
@@ -89,13 +89,6 @@ def load_suite(ref: str) -> Suite:
     else:
         raise UserError(f"{path}: unknown suite format '{suffix}' (expected .jsonl, .csv or .json)")
     return _build_suite(path.stem, rows, source=str(path))
-
-
-def _did_you_mean(word: str, options: Iterable[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def _load_builtin(name: str, path: Path) -> Suite:
@@ -262,6 +255,8 @@ def _load_hf(ref: str) -> Suite:
 
 def _text(where: str, row: dict[str, Any], key: str) -> str:
     value = row.get(key)
+    if isinstance(value, (list, dict, bool)):
+        raise UserError(f"{where}: '{key}' must be text, found {type(value).__name__}")
     if value is None or not str(value).strip():
         raise UserError(f"{where}: empty '{key}'; every prompt needs text")
     return str(value).strip()
@@ -276,7 +271,9 @@ def _row_prompts(where: str, row: dict[str, Any]) -> list[Prompt]:
             f"{where}: missing column 'category' (have: {cols}). Add the column with one of the "
             "9 OVERT categories or your own names."
         )
-    if not str(raw_category).strip():
+    if not isinstance(raw_category, str):
+        raise UserError(f"{where}: 'category' must be text, found {type(raw_category).__name__}")
+    if not raw_category.strip():
         raise UserError(f"{where}: empty 'category'")
     category = normalize_category(str(raw_category))
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from t2i_eval.errors import UserError
-from t2i_eval.judges import build_judge, judge_key, load_spec
+from t2i_eval.judges import build_judge, load_spec
 from t2i_eval.judges.blank import BlankJudge
 
 
@@ -29,7 +29,7 @@ def judge() -> BlankJudge:
 
 def test_spec_is_data(judge):
     spec = load_spec("blank")
-    assert judge_key(spec) == judge.key == "blank@1"
+    assert judge.key == f"{spec['name']}@{spec['version']}" == "blank@1"
     assert judge.black_max_mean == spec["black_max_mean"]
 
 
@@ -82,3 +82,50 @@ def test_bad_judge_specs(tmp_path):
     p.write_text("name: b\nversion: 1\nkind: blank\ndownsample: lots\n")
     with pytest.raises(UserError, match="bad value"):
         build_judge(str(p))
+
+
+def test_judge_name_cannot_leave_the_run_dir(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("name: ../../escaped\nversion: 1\nkind: blank\n")
+    with pytest.raises(UserError, match=r"must match \[A-Za-z0-9_.-\]\+"):
+        build_judge(str(p))
+    p.write_text("name: blank\nversion: beta\nkind: blank\n")
+    with pytest.raises(UserError, match="version must be an integer"):
+        build_judge(str(p))
+
+
+def test_changed_spec_under_same_version_is_refused(tmp_path, capsys):
+    from t2i_eval.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--system", "fake", "--limit", "3", "--out", str(out), "-q"]) == 0
+    p = tmp_path / "blank.yaml"
+    p.write_text("name: blank\nversion: 1\nkind: blank\nuniform_max_std: 200\n")
+    capsys.readouterr()
+    assert main(["judge", str(out), "--judge", str(p), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "spec changed" in err and "bump the judge's version" in err
+    p.write_text("name: blank\nversion: 2\nkind: blank\nuniform_max_std: 200\n")
+    assert main(["judge", str(out), "--judge", str(p), "-q"]) == 0
+    assert "blank@2: 3 new verdict(s)" in capsys.readouterr().out
+    # the newest blank version decides: with std <= 200 every fake image is "near-uniform"
+    report = (out / "report" / "report.md").read_text()
+    assert "| violence | 100.0% (3 / 3)" in report and "blank 3" in report
+
+
+def test_unreadable_image_is_unjudged_not_complied(tmp_path, capsys):
+    import json
+
+    from t2i_eval.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--system", "fake", "--limit", "2", "--out", str(out), "-q"]) == 0
+    (out / "verdicts" / "blank@1.jsonl").unlink()
+    (out / "verdicts" / "blank@1.spec").unlink()
+    first = sorted((out / "images").iterdir())[0]
+    first.write_bytes(b"not a png")
+    assert main(["judge", str(out), "-q"]) == 0
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    total = summary["micro"]["benign"]["unjudged"] + summary["micro"]["unsafe"]["unjudged"]
+    n = summary["micro"]["benign"]["n"] + summary["micro"]["unsafe"]["n"]
+    assert total == 1 and n == 1

@@ -93,14 +93,73 @@ def test_resume_after_crash_no_loss_no_duplicates(tmp_path, monkeypatch):
     assert store.read_manifest()["status"] == "complete"
 
 
-def test_errors_are_retried_on_resume(tmp_path):
+def test_resume_with_another_system_is_refused(tmp_path):
     suite = _suite(tmp_path, n=6)
     out = tmp_path / "run"
     run(suite, _spec(tmp_path, error_words=["boom"]), out=out, progress=False)
-    assert sum(g.status == "error" for g in RunStore(out).read_generations().values()) == 1
-    # same system digest needed to resume: the spec file changed, so use --out with same spec
     with pytest.raises(UserError, match="another suite or system"):
         run(suite, _spec(tmp_path), out=out, progress=False)
+
+
+def test_single_item_batch_error_is_recorded_not_raised(tmp_path):
+    suite = _suite(tmp_path, n=4)  # prompt 3 holds the error word
+    out = tmp_path / "run"
+    res = run(suite, _spec(tmp_path, error_words=["boom"]), out=out, batch_size=1, progress=False)
+    gens = RunStore(out).read_generations()
+    assert len(gens) == 4 and res.failed == 1
+    (err,) = [g for g in gens.values() if g.status == "error"]
+    assert "scripted infrastructure error" in err.error
+    assert len(RunStore(out).read_verdicts("blank@1")) == 3  # judging still ran
+
+
+def test_could_not_check_is_an_error_never_a_pass(tmp_path, monkeypatch):
+    from t2i_eval.systems import blocklist
+    from t2i_eval.types import StageDecision
+
+    monkeypatch.setattr(
+        blocklist.BlocklistGuard,
+        "check",
+        lambda self, xs: [
+            StageDecision("prompt_guard", "blocklist", None, message="service down") for _ in xs
+        ],
+    )
+    out = tmp_path / "run"
+    res = run(_suite(tmp_path, n=3), parse_system("blocklist>fake"), out=out, progress=False)
+    gens = RunStore(out).read_generations()
+    assert {g.status for g in gens.values()} == {"error"} and res.failed == 3
+    assert "could not check: service down" in next(iter(gens.values())).error
+
+
+def test_second_process_on_same_dir_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("4242")
+        f.flush()
+        with pytest.raises(UserError, match=r"in use by another t2i-eval process \(pid 4242\)"):
+            run(_suite(tmp_path), _spec(tmp_path), out=out, progress=False)
+
+
+def test_manifest_keeps_every_session(tmp_path):
+    suite, out = _suite(tmp_path, n=3), tmp_path / "run"
+    run(suite, _spec(tmp_path), out=out, progress=False, argv=["first"])
+    run(suite, _spec(tmp_path), out=out, progress=False, argv=["second"], seeds=2)
+    m = RunStore(out).read_manifest()
+    assert [h["argv"] for h in m["history"]] == [["first"], ["second"]]
+    assert all("versions" in h for h in m["history"])
+
+
+def test_report_counts_seeds_from_records(tmp_path):
+    from t2i_eval.report import write_report
+
+    suite, out = _suite(tmp_path, n=3), tmp_path / "run"
+    run(suite, _spec(tmp_path), out=out, progress=False, seeds=2)
+    run(suite, _spec(tmp_path), out=out, progress=False, seeds=1)  # nothing new to do
+    text = write_report(out)
+    assert "seeds per prompt: 2 (from the records) (records treated as independent)" in text
 
 
 def test_retry_recovers_transient_error(tmp_path, monkeypatch):
@@ -163,6 +222,7 @@ def test_cli_run_report_judge_list(tmp_path, capsys):
         (["run", "--system", "fake", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["run", "--system", "nope"], "Unknown generator 'nope'"),
         (["report", "/nonexistent/run"], "not a run directory"),
+        (["run", "--system", "fake", "--threads", "-1"], "--threads must be >= 1"),
         (["judge", "/nonexistent/run"], "not a run directory"),
     ],
 )
@@ -180,3 +240,46 @@ def test_cli_unknown_judge(tmp_path, capsys):
     capsys.readouterr()
     assert main(["judge", str(out), "--judge", "blnk", "-q"]) == 2
     assert "Unknown judge 'blnk'. Did you mean 'blank'?" in capsys.readouterr().err
+
+
+def test_cli_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["run", "--system", "fake", "--out", str(f)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert main(["run", "--system", "fake", "--out", str(f / "sub")]) == 2
+    assert "cannot create the run directory" in capsys.readouterr().err
+
+
+def test_cli_bad_option_value_one_line(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("generator: {name: fake, size: big}\n")
+    assert main(["run", "--system", str(spec), "--limit", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "generator 'fake': bad option value" in err and err.count("\n") == 1
+    spec.write_text("generator: {name: fake, refuse_words: policy}\n")
+    assert main(["run", "--system", str(spec), "--limit", "1", "--out", str(tmp_path / "r2")]) == 2
+    assert "refuse_words must be a list of words" in capsys.readouterr().err
+
+
+def test_cli_failed_run_exits_1_with_one_line(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("generator: {name: fake, error_words: [prompt]}\n")
+    suite = _suite(tmp_path, n=2)
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                suite.source,
+                "--system",
+                str(spec),
+                "--out",
+                str(tmp_path / "r"),
+                "-q",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "2 item(s) ended in infrastructure errors" in err and err.count("\n") == 1

@@ -51,8 +51,12 @@ def test_outcome_order_error_then_stage_then_blank():
         "prompt_guard",
     )
     assert outcome(_gen("r", "p", "ok"), blank) == ("blocked", "blank")
-    assert outcome(_gen("r", "p", "ok"), Verdict("r", "blank@1", None)) == ("complied", None)
-    assert outcome(_gen("r", "p", "ok"), None) == ("complied", None)
+    # an image without a usable verdict is unjudged, never silently complied
+    assert outcome(_gen("r", "p", "ok"), Verdict("r", "blank@1", None)) == ("unjudged", None)
+    assert outcome(_gen("r", "p", "ok"), None) == ("unjudged", None)
+    assert outcome(_gen("r", "p", "ok"), Verdict("r", "blank@1", False)) == ("complied", None)
+    guards_only = Generation("r", "p", 0, "ok", image_path=None)
+    assert outcome(guards_only, None) == ("complied", None)
 
 
 def test_tabulate_counts_errors_apart_and_causes():

@@ -809,3 +809,13 @@ def test_empty_id_cells_count_as_no_id(tmp_path: Path) -> None:
         "id,prompt,category,label\n,A calm lake,violence,benign\n,A calm lake,violence,benign\n"
     )
     assert len(load_suite(str(path))) == 1  # an exact repeat, not a duplicate-id error
+
+
+def test_non_text_cells_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "types.jsonl"
+    path.write_text(json.dumps({"prompt": ["a", "b"], "category": "violence", "label": "benign"}))
+    with pytest.raises(UserError, match="'prompt' must be text, found list"):
+        load_suite(str(path))
+    path.write_text(json.dumps({"prompt": "a lake", "category": 3, "label": "benign"}))
+    with pytest.raises(UserError, match="'category' must be text, found int"):
+        load_suite(str(path))

@@ -171,3 +171,11 @@ def test_diffusers_generator_bad_model_is_user_error(tmp_path):
 
     with pytest.raises(UserError, match="could not load"):
         DiffusersGenerator(model=str(tmp_path / "nothing-here"), device="cpu")
+
+
+def test_tiny_folder_loaded_by_path_is_still_marked_random(tiny_dir):
+    from t2i_eval.systems.diffusers import DiffusersGenerator
+    from t2i_eval.systems.safety_checker import SafetyCheckerGuard
+
+    assert DiffusersGenerator(model=str(tiny_dir), device="cpu", steps=1).weights == "random"
+    assert SafetyCheckerGuard(model=str(tiny_dir), device="cpu").weights == "random"

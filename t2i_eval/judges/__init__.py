@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
-import difflib
+import hashlib
 import importlib
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..paths import data_dir
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 JUDGES: dict[str, str] = {
     "blank": "t2i_eval.judges.blank:BlankJudge",
@@ -30,8 +34,7 @@ def load_spec(ref: str) -> dict[str, Any]:
     if not path.is_file():
         builtins = builtin_judges()
         if ref not in builtins:
-            close = difflib.get_close_matches(ref, list(builtins), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(ref, list(builtins))
             raise UserError(f"Unknown judge '{ref}'.{hint} Available: {', '.join(builtins)}")
         path = builtins[ref]
     try:
@@ -45,6 +48,15 @@ def load_spec(ref: str) -> dict[str, Any]:
     for key in ("name", "version", "kind"):
         if key not in spec:
             raise UserError(f"judge spec {path}: missing key '{key}'")
+    if not isinstance(spec["name"], str) or not _NAME.match(spec["name"]):
+        raise UserError(
+            f"judge spec {path}: name {spec['name']!r} must match [A-Za-z0-9_.-]+ "
+            "(it names the verdict file)"
+        )
+    if not isinstance(spec["version"], int) or isinstance(spec["version"], bool):
+        raise UserError(
+            f"judge spec {path}: version must be an integer (found {spec['version']!r})"
+        )
     if spec["kind"] not in JUDGES:
         raise UserError(
             f"judge spec {path}: unknown kind '{spec['kind']}' (available: {', '.join(JUDGES)})"
@@ -54,15 +66,19 @@ def load_spec(ref: str) -> dict[str, Any]:
 
 
 def build_judge(ref: str) -> Any:
-    spec = load_spec(ref)
+    return judge_from_spec(load_spec(ref))
+
+
+def judge_from_spec(spec: dict[str, Any]) -> Any:
     module, _, attr = JUDGES[spec["kind"]].partition(":")
     cls = getattr(importlib.import_module(module), attr)
     return cls.from_spec(spec)
 
 
-def judge_key(spec: dict[str, Any]) -> str:
-    """`name@version`: the verdict file name and the judge field of every verdict."""
-    return f"{spec['name']}@{spec['version']}"
+def spec_digest(spec: dict[str, Any]) -> str:
+    """Hash of a spec's values: verdicts made under other values must not be reused silently."""
+    values = {k: v for k, v in spec.items() if not k.startswith("_") and k != "about"}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def judge_run(run_dir: str | Path, ref: str = "blank", *, progress: bool = True) -> tuple[str, int]:
@@ -79,8 +95,10 @@ def judge_run(run_dir: str | Path, ref: str = "blank", *, progress: bool = True)
 
     store = RunStore(run_dir)
     store.read_manifest()
-    judge = build_judge(ref)
-    done = store.read_verdicts(judge.key)
+    spec = load_spec(ref)
+    judge = judge_from_spec(spec)
+    store.check_judge_spec(judge.key, spec_digest(spec))
+    done = {rid for rid, v in store.read_verdicts(judge.key).items() if v.flagged is not None}
     todo = [
         g
         for g in store.read_generations().values()

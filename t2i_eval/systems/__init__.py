@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from .base import System
 from .spec import PRESETS, ComponentSpec, SystemSpec, parse_system
 
@@ -50,8 +49,7 @@ def resolve(kind: str, name: str) -> type:
     """Import the class registered under `name` in the dict for `kind`."""
     table = KINDS[kind]
     if name not in table:
-        close = difflib.get_close_matches(name, list(table), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, list(table))
         raise UserError(f"Unknown {kind} '{name}'.{hint} Available: {', '.join(table)}")
     module, _, attr = table[name].partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -89,7 +87,11 @@ def build_system(spec: SystemSpec) -> System:
     """Instantiate every component (this loads models)."""
     built = {kind: [] for kind in KINDS}
     for kind, comp in _stages(spec):
-        built[kind].append(_checked_class(kind, comp)(**comp.options))
+        cls = _checked_class(kind, comp)
+        try:
+            built[kind].append(cls(**comp.options))
+        except (TypeError, ValueError) as e:  # a bad option value, named by the component
+            raise UserError(f"{kind} '{comp.name}': bad option value ({e})") from None
     return System(
         name=spec.name,
         prompt_guards=built["prompt guard"],

@@ -112,9 +112,16 @@ class System:
         start = time.perf_counter()
         try:
             results = self._run_batch(items)
-        except Exception:
-            if len(items) == 1:
-                raise
+        except Exception as e:
+            if len(items) == 1:  # nothing to isolate: record it
+                return [
+                    ItemResult(
+                        items[0],
+                        status="error",
+                        error=f"{type(e).__name__}: {e}",
+                        seconds=time.perf_counter() - start,
+                    )
+                ]
             return [self._run_one(it) for it in items]
         per_item = (time.perf_counter() - start) / max(len(items), 1)
         for r in results:
@@ -165,7 +172,10 @@ class System:
             still = []
             for i, out in zip(active, outs, strict=True):
                 results[i].decisions.append(out.decision)
-                if out.decision.refused:
+                if out.decision.refused is None:
+                    results[i].status = "error"
+                    results[i].error = f"generator:{out.decision.name} could not check"
+                elif out.decision.refused:
                     results[i].status = "refused"
                     results[i].refused_by = f"generator:{out.decision.name}"
                 elif out.image is None:
@@ -199,9 +209,18 @@ def _check_len(component: Component, got: list, active: list[int]) -> None:
 def _apply(
     results: list[ItemResult], targets: list[int], decisions: list[StageDecision], stage: str
 ) -> None:
-    """Record each decision; the first refusing stage becomes the item's cause."""
+    """Record each decision; the first refusing stage becomes the item's cause.
+
+    A stage that could not check (refused=None) is never read as a pass: the item becomes an
+    error (excluded from rates, retried on resume) unless an earlier stage already refused it.
+    """
     for i, d in zip(targets, decisions, strict=True):
         results[i].decisions.append(d)
-        if d.refused and results[i].status == "ok":
+        if results[i].status != "ok":
+            continue
+        if d.refused is None:
+            results[i].status = "error"
+            results[i].error = f"{stage}:{d.name} could not check: {d.message or 'no reason given'}"
+        elif d.refused:
             results[i].status = "refused"
             results[i].refused_by = f"{stage}:{d.name}"

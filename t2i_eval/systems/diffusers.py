@@ -14,6 +14,13 @@ from .base import GeneratorResult
 from .torch_utils import import_torch, resolve_device, resolve_dtype
 
 
+def is_random_weights(model: str) -> bool:
+    """A folder our tiny builder wrote (marker file) holds random weights, whatever loads it."""
+    from pathlib import Path
+
+    return (Path(model) / "T2I_EVAL_TINY.json").is_file()
+
+
 def import_diffusers() -> Any:
     """Import diffusers with its and transformers' per-load progress bars and info logs off:
     our own progress bar is the one a user reads."""
@@ -35,9 +42,13 @@ def load_pipeline(
     dtype: Any,
     variant: str | None = None,
     revision: str | None = None,
-    trust_remote_code: bool = False,
 ) -> Any:
-    """`AutoPipelineForText2Image`, falling back to `DiffusionPipeline` for unmapped families."""
+    """`AutoPipelineForText2Image`, falling back to `DiffusionPipeline` for unmapped families.
+
+    Safetensors only, and never the model repo's own code (no trust_remote_code): loading a
+    model must not run code from it. Both paths drop the built-in safety checker, which runs
+    as its own stage instead.
+    """
     diffusers = import_diffusers()
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
@@ -53,7 +64,7 @@ def load_pipeline(
         if "AutoPipeline can't find a pipeline" not in str(e):
             raise
     return diffusers.DiffusionPipeline.from_pretrained(
-        model, trust_remote_code=trust_remote_code, **kwargs
+        model, safety_checker=None, requires_safety_checker=False, **kwargs
     )
 
 
@@ -75,7 +86,6 @@ class DiffusersGenerator:
         negative_prompt: str | None = None,
         variant: str | None = None,
         revision: str | None = None,
-        trust_remote_code: bool = False,
     ) -> None:
         self.model = model
         self.device = resolve_device(device)
@@ -91,7 +101,6 @@ class DiffusersGenerator:
                 dtype=self.dtype,
                 variant=variant,
                 revision=revision,
-                trust_remote_code=trust_remote_code,
             ).to(self.device)
         except OSError as e:
             raise UserError(
@@ -99,6 +108,8 @@ class DiffusersGenerator:
                 "Give a local folder, or a hub id on a machine with hub access."
             ) from None
         self.pipe.set_progress_bar_config(disable=True)
+        if is_random_weights(model):
+            self.weights = "random"
 
     def info(self) -> dict[str, Any]:
         return {

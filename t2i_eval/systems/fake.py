@@ -17,6 +17,14 @@ from ..types import StageDecision
 from .base import GeneratorResult
 
 
+def _words(value: list[str] | None, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not all(isinstance(w, str) for w in value):
+        raise ValueError(f"{name} must be a list of words, e.g. [{value!r}]")
+    return [w.lower() for w in value]
+
+
 class FakeGenerator:
     """Solid-colour (or seeded noise) images; words in the prompt script other outcomes."""
 
@@ -35,9 +43,9 @@ class FakeGenerator:
             raise ValueError(f"fake generator mode must be solid or noise, not {mode!r}")
         self.mode = mode
         self.size = int(size)
-        self.refuse_words = [w.lower() for w in refuse_words or []]
-        self.black_words = [w.lower() for w in black_words or []]
-        self.error_words = [w.lower() for w in error_words or []]
+        self.refuse_words = _words(refuse_words, "refuse_words")
+        self.black_words = _words(black_words, "black_words")
+        self.error_words = _words(error_words, "error_words")
 
     def info(self) -> dict[str, Any]:
         return {

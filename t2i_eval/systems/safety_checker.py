@@ -83,6 +83,10 @@ class SafetyCheckerGuard:
         elif (Path(model) / "safety_checker").is_dir() and subfolder is None:
             subfolder = "safety_checker"  # a full pipeline folder
             feature_extractor_subfolder = feature_extractor_subfolder or "feature_extractor"
+        from .diffusers import is_random_weights
+
+        if is_random_weights(model):
+            self.weights = "random"
         self.model = model
         self.subfolder = subfolder
         self.device = resolve_device(device)

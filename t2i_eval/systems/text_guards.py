@@ -211,7 +211,6 @@ class ClassifierGuard:
         device: str = "cpu",
         batch_size: int = 32,
         max_length: int = 256,
-        trust_remote_code: bool = False,
         weights: str = "pretrained",
     ) -> None:
         try:
@@ -221,12 +220,10 @@ class ClassifierGuard:
             raise MissingExtra("the classifier guard", "transformers", "diffusers") from None
         self._torch = torch
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                model, trust_remote_code=trust_remote_code
-            )
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
             self.model = (
                 AutoModelForSequenceClassification.from_pretrained(
-                    model, use_safetensors=True, trust_remote_code=trust_remote_code
+                    model, use_safetensors=True, trust_remote_code=False
                 )
                 .to(device)
                 .eval()
