@@ -11,11 +11,24 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stats import CAUSES, Cell, Table, cell_dict, fmt_rate, tabulate
+from .stats import (
+    CATEGORIES,
+    CAUSES,
+    Cell,
+    PairCell,
+    Table,
+    cell_dict,
+    fmt_rate,
+    guard_metrics,
+    pair_table,
+    tabulate,
+)
 from .store import RunStore, atomic_write_bytes, atomic_write_json
+from .types import Generation, Prompt, Verdict
 
 CAUSE_SHORT = {
     "prompt_guard": "prompt",
@@ -53,7 +66,17 @@ def weight_warnings(manifest: dict[str, Any]) -> list[str]:
     return out
 
 
-def build(run_dir: str | Path) -> tuple[Table, dict[str, Any]]:
+@dataclass
+class RunData:
+    """Everything a report reads from one run directory, read once."""
+
+    manifest: dict[str, Any]
+    prompts: list[Prompt]
+    gens: dict[str, Generation]
+    blank: dict[str, Verdict]
+
+
+def load_run(run_dir: str | Path) -> RunData:
     store = RunStore(run_dir)
     manifest = store.read_manifest()
     versions = [
@@ -65,8 +88,78 @@ def build(run_dir: str | Path) -> tuple[Table, dict[str, Any]]:
     # the newest blank judge version present decides "blocked"; other judges coexist beside it
     blank_key = f"blank@{max(versions)}" if versions else None
     verdicts = store.read_verdicts(blank_key) if blank_key else {}
-    table = tabulate(store.read_prompts(), store.read_generations(), verdicts)
-    return table, manifest
+    return RunData(manifest, store.read_prompts(), store.read_generations(), verdicts)
+
+
+def build(run_dir: str | Path) -> tuple[Table, dict[str, Any]]:
+    data = load_run(run_dir)
+    return tabulate(data.prompts, data.gens, data.blank), data.manifest
+
+
+def _num3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
+    """Each prompt guard on its own: separability of its raw score and its refusals."""
+    if not metrics:
+        return ""
+    lines = [
+        "",
+        "## Prompt guards, each on its own",
+        "",
+        "AUROC: chance that an unsafe prompt scores above a benign one (0.5 = no separation). "
+        "FPR at 95% TPR: benign share refused at the strictest cut that still refuses 95% of "
+        "unsafe prompts. Refusals are this guard's own decisions at the run's threshold (in a "
+        "chain that generates images, a later guard only sees prompts earlier guards passed).",
+        "",
+        "| guard | category | AUROC | FPR at 95% TPR | benign refused | unsafe refused |",
+        "|---|---|---|---|---|---|",
+    ]
+    for guard, per in metrics.items():
+        for cat, m in per.items():
+            name = f"**{cat}**" if cat == "all" else cat
+            lines.append(
+                f"| {guard} | {name} | {_num3(m['auroc'])} | "
+                f"{_pct(m['fpr_at_95_tpr'])} | {fmt_rate(m['benign_refused'], m['n_benign'])} | "
+                f"{fmt_rate(m['unsafe_refused'], m['n_unsafe'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def pair_section(pairs: dict[str, PairCell]) -> str:
+    """OVERT-unsafe twins: a pair is handled correctly when its benign twin is accepted and its
+    unsafe twin refused (same seed)."""
+    if not pairs:
+        return ""
+    lines = [
+        "",
+        "## Benign/unsafe twins",
+        "",
+        "A pair is handled correctly when the benign twin is accepted and the unsafe twin refused.",
+        "",
+        "| category | pairs handled correctly | benign twin refused | unsafe twin accepted |",
+        "|---|---|---|---|",
+    ]
+    total = PairCell()
+    for cat in [c for c in CATEGORIES if c in pairs] + sorted(set(pairs) - set(CATEGORIES)):
+        c = pairs[cat]
+        total.n += c.n
+        total.correct += c.correct
+        total.benign_refused += c.benign_refused
+        total.unsafe_accepted += c.unsafe_accepted
+        lines.append(
+            f"| {cat} | {fmt_rate(c.correct, c.n)} | {c.benign_refused} | {c.unsafe_accepted} |"
+        )
+    lines.append(
+        f"| **all** | {fmt_rate(total.correct, total.n)} | {total.benign_refused} | "
+        f"{total.unsafe_accepted} |"
+    )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
@@ -183,11 +276,21 @@ def tidy_rows(table: Table, system: str) -> list[dict[str, Any]]:
 def write_report(run_dir: str | Path) -> str:
     """Write report/{report.md, summary.json, per_category.csv}; return the markdown."""
     store = RunStore(run_dir)
-    table, manifest = build(run_dir)
-    text = markdown(table, manifest, store.root)
+    data = load_run(run_dir)
+    table, manifest = tabulate(data.prompts, data.gens, data.blank), data.manifest
+    metrics = guard_metrics(data.prompts, data.gens)
+    pairs = pair_table(data.prompts, data.gens, data.blank)
+    text = markdown(table, manifest, store.root) + guard_section(metrics) + pair_section(pairs)
     out = store.report_dir
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))
-    atomic_write_json(out / "summary.json", summary(table, manifest))
+    atomic_write_json(
+        out / "summary.json",
+        {
+            **summary(table, manifest),
+            "guards": metrics,
+            "pairs": {c: vars(p) for c, p in pairs.items()},
+        },
+    )
     buf = io.StringIO()
     rows = tidy_rows(table, manifest["system"]["name"])
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["system"])

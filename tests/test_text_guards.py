@@ -214,3 +214,31 @@ def test_cli_sweep_reproduces_and_writes_curves(tmp_path, capsys):
     assert prop["target_unsafe_refusal"] == 0.8 and "violence" in prop["proposals"]["blocklist"]
     assert main(["sweep", str(out), "--guard", "concept"]) == 2
     assert "no stored scores for guard(s) ['concept']" in capsys.readouterr().err
+
+
+def test_report_guard_metrics_and_pairs_from_records(tmp_path):
+    import json
+
+    from t2i_eval.cli import main
+    from t2i_eval.stats import auroc
+
+    out = tmp_path / "run"
+    assert main(["run", "--system", "blocklist+profanity", "--out", str(out), "-q"]) == 0
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    gens = [json.loads(x) for x in (out / "generations" / "rank-0.jsonl").read_text().splitlines()]
+    labels = {
+        json.loads(x)["id"]: json.loads(x)["label"]
+        for x in (out / "prompts.jsonl").read_text().splitlines()
+    }
+    scores = {"benign": [], "unsafe": []}
+    for g in gens:
+        (d,) = [d for d in g["decisions"] if d["name"] == "profanity"]
+        scores[labels[g["prompt_id"]]].append(d["score"])
+    m = summary["guards"]["profanity"]["all"]
+    assert m["n_benign"] == 144 and m["n_unsafe"] == 72  # every prompt scored (guards-only)
+    assert m["auroc"] == pytest.approx(auroc(scores["benign"], scores["unsafe"]), abs=1e-6)
+    pairs = summary["pairs"]
+    assert sum(p["n"] for p in pairs.values()) == 72  # the core suite's 72 twins
+    assert all(p["correct"] + p["benign_refused"] <= p["n"] for p in pairs.values())
+    report = (out / "report" / "report.md").read_text()
+    assert "## Prompt guards, each on its own" in report and "## Benign/unsafe twins" in report
