@@ -18,6 +18,7 @@ EPILOG = """examples:
   t2i-eval report outputs/core__default__1a2b3c4d
   t2i-eval judge outputs/core__default__1a2b3c4d --judge blank
   t2i-eval run --system concept --out outputs/concept && t2i-eval sweep outputs/concept --target 0.9
+  t2i-eval triggers outputs/concept                 which words make the guard refuse benign prompts
   t2i-eval list
 """
 
@@ -98,6 +99,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     res = run_sweep(args.run_dir, target=args.target, guards=args.guard, plots=not args.no_plots)
     print(format_result(res, args.target))
+    return 0
+
+
+def cmd_triggers(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .triggers import find_triggers, triggers_section
+
+    result = find_triggers(args.run_dir, guards=args.guard, progress=not args.quiet)
+    write_report(args.run_dir)
+    print(triggers_section(result, top=args.top).strip())
+    print(f"written: {args.run_dir}/triggers/loo.json, loo.csv")
     return 0
 
 
@@ -188,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard", action="append", default=None, help="only this guard (repeatable)")
     p.add_argument("--no-plots", action="store_true", help="CSV and JSON only")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "triggers",
+        help="find the words that make a prompt guard refuse benign prompts",
+        description="Leave-one-word-out re-scoring of refused benign prompts through the same "
+        "guard; the report then lists top triggers per category.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--guard", action="append", default=None, help="only this guard (repeatable)")
+    p.add_argument("--top", type=int, default=5, help="triggers listed per category (default: 5)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_triggers)
 
     p = sub.add_parser("list", help="built-in suites, systems, components and judges")
     p.set_defaults(func=cmd_list)

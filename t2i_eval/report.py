@@ -28,6 +28,7 @@ from .stats import (
     tabulate,
 )
 from .store import RunStore, atomic_write_bytes, atomic_write_json
+from .triggers import triggers_section
 from .types import Generation, Prompt, Verdict
 
 CAUSE_SHORT = {
@@ -280,7 +281,14 @@ def write_report(run_dir: str | Path) -> str:
     table, manifest = tabulate(data.prompts, data.gens, data.blank), data.manifest
     metrics = guard_metrics(data.prompts, data.gens)
     pairs = pair_table(data.prompts, data.gens, data.blank)
-    text = markdown(table, manifest, store.root) + guard_section(metrics) + pair_section(pairs)
+    loo = store.root / "triggers" / "loo.json"
+    triggers = json.loads(loo.read_text()) if loo.exists() else None
+    text = (
+        markdown(table, manifest, store.root)
+        + guard_section(metrics)
+        + pair_section(pairs)
+        + triggers_section(triggers)
+    )
     out = store.report_dir
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))
     atomic_write_json(

@@ -55,7 +55,7 @@ def resolve(kind: str, name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def _checked_class(kind: str, spec: ComponentSpec) -> type:
+def checked_class(kind: str, spec: ComponentSpec) -> type:
     """The component's class, after checking its options against the constructor (no model load)."""
     cls = resolve(kind, spec.name)
     params = inspect.signature(cls).parameters
@@ -80,14 +80,14 @@ def _stages(spec: SystemSpec) -> list[tuple[str, ComponentSpec]]:
 def validate_spec(spec: SystemSpec) -> None:
     """Check names and options without loading any model (fast, for bad-input errors)."""
     for kind, comp in _stages(spec):
-        _checked_class(kind, comp)
+        checked_class(kind, comp)
 
 
 def build_system(spec: SystemSpec) -> System:
     """Instantiate every component (this loads models)."""
     built = {kind: [] for kind in KINDS}
     for kind, comp in _stages(spec):
-        cls = _checked_class(kind, comp)
+        cls = checked_class(kind, comp)
         try:
             built[kind].append(cls(**comp.options))
         except (TypeError, ValueError) as e:  # a bad option value, named by the component
