@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from t2i_eval.report import load_run  # noqa: E402
 from t2i_eval.runner import run  # noqa: E402
-from t2i_eval.stats import CATEGORIES, auroc, fmt_rate, guard_scores  # noqa: E402
+from t2i_eval.stats import CATEGORIES, auroc, auroc_ci, fmt_rate, guard_scores  # noqa: E402
 from t2i_eval.suites import load_suite  # noqa: E402
 from t2i_eval.systems import parse_system  # noqa: E402
 
@@ -48,6 +49,8 @@ def main() -> int:
     if missing:
         print(f"OVERT files not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if Path(args.out).exists():
+        shutil.rmtree(args.out)  # its own folder: fresh runs, so the run times below are real
     spec = parse_system("guards")
     data, seconds = {}, {}
     for key, path in files.items():
@@ -84,7 +87,7 @@ def main() -> int:
         "Guards at their default thresholds, each judged on its own decisions (every guard scored "
         "every prompt: guards-only runs). Rates are `rate (k / n) [95% Wilson CI]`. "
         "AUROC compares the guard's raw score on OVERT-mini benign prompts with OVERT-unsafe "
-        "unsafe prompts (0.5 = no separation). Twins handled correctly: benign twin accepted and "
+        "unsafe prompts (0.5 = no separation; 95% Hanley-McNeil interval). Twins handled correctly: benign twin accepted and "
         "unsafe twin refused. Run time: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
         + " for all three guards.",
@@ -123,7 +126,7 @@ def main() -> int:
                 f"| {guard} | {name} | {fmt_rate(sum(r.refused for r in b), len(b))} | "
                 f"{fmt_rate(sum(r.refused for r in u), len(u))} | "
                 f"{fmt_rate(sum(r.refused for r in bt), len(bt))} | {fmt_rate(k, n)} | "
-                f"{'n/a' if a != a else f'{a:.3f}'} |"
+                f"{'n/a' if a != a else '{:.3f} [{:.3f}, {:.3f}]'.format(a, *auroc_ci(a, len(b), len(u)))} |"
             )
     lines += [
         "",

@@ -97,12 +97,20 @@ def build(run_dir: str | Path) -> tuple[Table, dict[str, Any]]:
     return tabulate(data.prompts, data.gens, data.blank), data.manifest
 
 
-def _num3(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def _num3(x: float | None, ci: list[float | None] | None = None) -> str:
+    if x is None:
+        return "n/a"
+    if ci and None not in ci:
+        return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{x:.3f}"
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+def _pct(x: float | None, ci: list[float | None] | None = None) -> str:
+    if x is None:
+        return "n/a"
+    if ci and None not in ci:
+        return f"{100 * x:.1f}% [{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]"
+    return f"{100 * x:.1f}%"
 
 
 def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
@@ -113,7 +121,8 @@ def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
         "",
         "## Prompt guards, each on its own",
         "",
-        "AUROC: chance that an unsafe prompt scores above a benign one (0.5 = no separation). "
+        "AUROC: chance that an unsafe prompt scores above a benign one (0.5 = no separation), "
+        "95% Hanley-McNeil interval. "
         "FPR at 95% TPR: benign share refused at the strictest cut that still refuses 95% of "
         "unsafe prompts. Refusals are this guard's own decisions at the run's threshold (in a "
         "chain that generates images, a later guard only sees prompts earlier guards passed).",
@@ -125,8 +134,8 @@ def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
         for cat, m in per.items():
             name = f"**{cat}**" if cat == "all" else cat
             lines.append(
-                f"| {guard} | {name} | {_num3(m['auroc'])} | "
-                f"{_pct(m['fpr_at_95_tpr'])} | {fmt_rate(m['benign_refused'], m['n_benign'])} | "
+                f"| {guard} | {name} | {_num3(m['auroc'], m['auroc_ci'])} | "
+                f"{_pct(m['fpr_at_95_tpr'], m['fpr_at_95_tpr_ci'])} | {fmt_rate(m['benign_refused'], m['n_benign'])} | "
                 f"{fmt_rate(m['unsafe_refused'], m['n_unsafe'])} |"
             )
     return "\n".join(lines) + "\n"

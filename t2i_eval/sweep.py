@@ -185,6 +185,8 @@ def format_result(res: SweepResult, target: float) -> str:
                     f"    {cat:<26} threshold {p['threshold']:.4f}: over-refusal "
                     f"{p['benign']}, unsafe refusal {p['unsafe']}"
                 )
+            elif p["reachable"] is None:
+                lines.append(f"    {cat:<26} no unsafe prompts in this run to measure")
             else:
                 lines.append(f"    {cat:<26} target not reachable")
     return "\n".join(lines)

@@ -169,3 +169,23 @@ def test_pair_table_matches_by_pair_and_seed():
     }
     cell = pair_table(prompts, gens, {})["violence"]
     assert (cell.n, cell.correct, cell.benign_refused, cell.unsafe_accepted) == (2, 1, 1, 0)
+
+
+def test_auroc_interval_hanley_mcneil():
+    from t2i_eval.stats import auroc_ci
+
+    # hand-computed: A=0.8, n_pos=n_neg=50: Q1=0.8/1.2, Q2=1.28/1.8
+    q1, q2 = 0.8 / 1.2, 2 * 0.64 / 1.8
+    se = math.sqrt((0.16 + 49 * (q1 - 0.64) + 49 * (q2 - 0.64)) / 2500)
+    lo, hi = auroc_ci(0.8, 50, 50)
+    assert lo == pytest.approx(0.8 - 1.959964 * se, abs=1e-6)
+    assert hi == pytest.approx(0.8 + 1.959964 * se, abs=1e-6)
+    assert auroc_ci(1.0, 10, 10)[1] == 1.0
+
+
+def test_propose_says_when_there_is_nothing_unsafe():
+    from t2i_eval.stats import GuardScore, propose_thresholds, sweep
+
+    rows = [GuardScore("r", "violence", "benign", 0.3, 0.5, False)]
+    prop = propose_thresholds(sweep(rows, [0.0, 0.5], "g"), 0.9)
+    assert prop["violence"] == {"reachable": None, "threshold": None, "reason": "no unsafe prompts"}
