@@ -27,7 +27,10 @@ $(STAMP): requirements.lock pyproject.toml scripts/fix_torchvision.py
 	$(BIN)/python scripts/fix_torchvision.py
 	# Precompile once: where PYTHONDONTWRITEBYTECODE is set (as on our machines), every process
 	# would otherwise recompile torch/diffusers from source (imports ~24 s -> ~10 s).
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null
+	# A few third-party files target newer Pythons (torch/testing/_internal/py312_intrinsics.py)
+	# and are never imported here; their compile errors must not fail set-up.
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || \
+		echo "compileall: some third-party files did not compile (never imported; fine)"
 	touch $(STAMP)
 
 demo: install
