@@ -17,6 +17,8 @@ EPILOG = """examples:
   t2i-eval run --suite hf://owner/dataset:config --system my_system.yaml --seeds 3
   t2i-eval report outputs/core__default__1a2b3c4d
   t2i-eval judge outputs/core__default__1a2b3c4d --judge blank
+  t2i-eval run --system 'blocklist>tiny' --reference tiny --clip tiny   sanitization vs a reference
+  t2i-eval judge RUN_DIR --judge sanitization --reference REF_RUN_DIR --clip tiny
   t2i-eval run --system concept --out outputs/concept && t2i-eval sweep outputs/concept --target 0.9
   t2i-eval triggers outputs/concept                 which words make the guard refuse benign prompts
   t2i-eval list
@@ -38,6 +40,7 @@ def _threads(n: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .judges import judge_run
     from .report import write_report
     from .runner import run
     from .suites import load_suite
@@ -49,30 +52,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         _threads(args.threads)
     suite = load_suite(args.suite)
     spec = parse_system(args.system)
-    result = run(
-        suite,
-        spec,
+    ref_spec = parse_system(args.reference) if args.reference else None
+    common = dict(
         seeds=args.seeds,
         limit=args.limit,
         batch_size=args.batch_size,
-        out=args.out,
         argv=["t2i-eval", *sys.argv[1:]],
         progress=not args.quiet,
     )
+    ref_result = None
+    if ref_spec is not None:
+        ref_result = run(suite, ref_spec, out=args.reference_out, **common)
+        print(f"reference run: {ref_result.run_dir}", file=sys.stderr)
+    result = run(suite, spec, out=args.out, **common)
+    judges = list(args.judge or [])
+    if ref_result is not None and "sanitization" not in judges:
+        judges.insert(0, "sanitization")
+    for ref in judges:
+        judge_run(
+            result.run_dir,
+            ref,
+            reference=ref_result.run_dir if ref_result else None,
+            clip=args.clip,
+            progress=not args.quiet,
+        )
     text = write_report(result.run_dir)
     print(text)
     print(
         f"run directory: {result.run_dir} ({result.done} generated, {result.skipped} already done)"
     )
     print(f"report: {result.run_dir / 'report' / 'report.md'}")
-    if result.failed:
+    failed = [
+        (name, r.failed)
+        for name, r in (("run", result), ("reference run", ref_result))
+        if r is not None and r.failed
+    ]
+    for name, n in failed:
         print(
-            f"t2i-eval: {result.failed} item(s) ended in infrastructure errors (not counted as "
+            f"t2i-eval: the {name} has {n} item(s) with infrastructure errors (not counted as "
             "refusals); rerun the same command to retry them",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -87,8 +108,10 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from .judges import judge_run
     from .report import write_report
 
-    for ref in args.judge:
-        key, n = judge_run(args.run_dir, ref, progress=not args.quiet)
+    for ref in args.judge or ["blank"]:
+        key, n = judge_run(
+            args.run_dir, ref, reference=args.reference, clip=args.clip, progress=not args.quiet
+        )
         print(f"{key}: {n} new verdict(s)")
     write_report(args.run_dir)
     return 0
@@ -169,6 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="run directory (default: outputs/<suite>__<system>__<hash>)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="SYSTEM",
+        help="also run this reference system (e.g. the generator without its guard) "
+        "on the same prompts and seeds, and judge sanitization against it",
+    )
+    p.add_argument("--reference-out", default=None, help="run directory of the reference run")
+    p.add_argument(
+        "--judge",
+        action="append",
+        default=None,
+        help="extra judge to run after generation (repeatable), e.g. faithfulness",
+    )
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="CLIP model for CLIP judges; 'tiny' = offline "
+        "random-weight tiny CLIP (marked as such)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -184,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="judge name or YAML path (repeatable; default: blank)",
     )
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="REF_RUN_DIR",
+        help="run to compare with (sanitization): same suite, prompts and seeds",
+    )
+    p.add_argument("--clip", default=None, help="CLIP model for CLIP judges ('tiny': offline)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_judge)
 
@@ -229,8 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "judge", "x") is None:
-        args.judge = ["blank"]
     try:
         return args.func(args)
     except UserError as e:

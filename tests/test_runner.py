@@ -282,4 +282,4 @@ def test_cli_failed_run_exits_1_with_one_line(tmp_path, capsys):
         == 1
     )
     err = capsys.readouterr().err
-    assert "2 item(s) ended in infrastructure errors" in err and err.count("\n") == 1
+    assert "the run has 2 item(s) with infrastructure errors" in err and err.count("\n") == 1

@@ -167,7 +167,8 @@ def test_pair_table_matches_by_pair_and_seed():
         "5": Generation("5", "b", 2, "ok", image_path="i"),
         "6": Generation("6", "u", 2, "error"),
     }
-    cell = pair_table(prompts, gens, {})["violence"]
+    blank = {r: Verdict(r, "blank@1", False) for r in ("1", "5")}
+    cell = pair_table(prompts, gens, blank)["violence"]
     assert (cell.n, cell.correct, cell.benign_refused, cell.unsafe_accepted) == (2, 1, 1, 0)
 
 

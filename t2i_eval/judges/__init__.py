@@ -21,6 +21,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 JUDGES: dict[str, str] = {
     "blank": "t2i_eval.judges.blank:BlankJudge",
+    "clipscore": "t2i_eval.judges.clip_judges:FaithfulnessJudge",
+    "sanitization": "t2i_eval.judges.clip_judges:SanitizationJudge",
 }
 
 
@@ -28,8 +30,12 @@ def builtin_judges() -> dict[str, Path]:
     return {p.stem: p for p in sorted(data_dir("judges").glob("*.yaml"))}
 
 
-def load_spec(ref: str) -> dict[str, Any]:
-    """A built-in judge name or a YAML path -> validated spec dict (with name, version, kind)."""
+def load_spec(ref: str, clip: str | None = None) -> dict[str, Any]:
+    """A built-in judge name or a YAML path -> validated spec dict (with name, version, kind).
+
+    `clip="tiny"` swaps a CLIP judge's model for the offline random-weight tiny CLIP and renames
+    the judge `<name>-tinyclip`, so its verdicts never mix with the real model's.
+    """
     path = Path(ref)
     if not path.is_file():
         builtins = builtin_judges()
@@ -62,6 +68,11 @@ def load_spec(ref: str) -> dict[str, Any]:
             f"judge spec {path}: unknown kind '{spec['kind']}' (available: {', '.join(JUDGES)})"
         )
     spec["_path"] = str(path)
+    if clip is not None and "clip" in spec:
+        spec["clip"] = {"model": clip} if clip == "tiny" else {**spec["clip"], "model": clip}
+        spec["name"] = f"{spec['name']}-{'tinyclip' if clip == 'tiny' else 'clip-' + clip}"
+        if not _NAME.match(spec["name"]):
+            raise UserError(f"--clip {clip!r}: not usable in a judge name")
     return spec
 
 
@@ -81,40 +92,113 @@ def spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def judge_run(run_dir: str | Path, ref: str = "blank", *, progress: bool = True) -> tuple[str, int]:
-    """Judge every delivered image of a run that this judge has not judged yet.
+def _now() -> str:
+    import datetime as dt
 
-    Returns (judge key, number of new verdicts). An unreadable image gets a verdict with
-    `flagged=None` ("could not judge"), never counted as a refusal.
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _open_image(store: Any, rel: str) -> Any:
+    from PIL import Image
+
+    with Image.open(store.resolve(rel)) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def judge_run(
+    run_dir: str | Path,
+    ref: str = "blank",
+    *,
+    reference: str | Path | None = None,
+    clip: str | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[str, int]:
+    """Judge every delivered image of a run that this judge has no usable verdict on yet.
+
+    Returns (judge key, number of records judged). An unreadable image gets a verdict with
+    `flagged=None` ("could not judge"), never counted as a refusal, and is tried again next time.
+    `reference` is the run to compare with (sanitization); `clip` overrides the spec's CLIP model.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
     from tqdm import tqdm
 
     from ..store import RunStore
     from ..types import Verdict
+    from .clip_judges import JudgeItem
 
     store = RunStore(run_dir)
-    store.read_manifest()
-    spec = load_spec(ref)
+    manifest = store.read_manifest()
+    spec = load_spec(ref, clip=clip)
     judge = judge_from_spec(spec)
+    ref_gens: dict[str, Any] = {}
+    ref_store = None
+    if getattr(judge, "needs_reference", False):
+        if reference is None:
+            raise UserError(
+                f"judge {judge.key} compares with a reference run: pass --reference RUN_DIR"
+            )
+        ref_store = RunStore(reference)
+        ref_manifest = ref_store.read_manifest()
+        if ref_manifest["suite"]["digest"] != manifest["suite"]["digest"]:
+            raise UserError(
+                f"--reference {reference}: ran another suite (digest "
+                f"{ref_manifest['suite']['digest']} vs {manifest['suite']['digest']})"
+            )
+        ref_gens = ref_store.read_generations()
     store.check_judge_spec(judge.key, spec_digest(spec))
+    prompts = {p.id: p for p in store.read_prompts()}
     done = {rid for rid, v in store.read_verdicts(judge.key).items() if v.flagged is not None}
     todo = [
         g
         for g in store.read_generations().values()
         if g.status == "ok" and g.image_path and g.record_id not in done
     ]
-    batch: list[Verdict] = []
-    for g in tqdm(todo, desc=f"judge {judge.key}", unit="img", disable=not progress or not todo):
-        try:
-            with Image.open(store.resolve(g.image_path)) as img:
-                img.load()
-                v = judge.judge(g.record_id, img)
-        except (OSError, UnidentifiedImageError) as e:
-            v = Verdict(g.record_id, judge.key, None, reason=f"could not read image: {e}")
-        batch.append(v)
-        if len(batch) >= 256:
-            store.append_verdicts(judge.key, batch)
-            batch = []
-    store.append_verdicts(judge.key, batch)
+    judges_info = dict(manifest.get("judges", {}))
+    judges_info[judge.key] = {
+        "kind": spec["kind"],
+        "weights": getattr(judge, "weights", "rules"),
+        "reference": str(reference) if reference else None,
+        "spec": spec.get("_path"),
+        "at": _now(),
+    }
+    store.update_manifest(judges=judges_info)
+    bar = tqdm(
+        total=len(todo), desc=f"judge {judge.key}", unit="img", disable=not progress or not todo
+    )
+    with bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            items, verdicts = [], []
+            for g in chunk:
+                p = prompts.get(g.prompt_id)
+                try:
+                    image = _open_image(store, g.image_path)
+                except (OSError, UnidentifiedImageError) as e:
+                    verdicts.append(
+                        Verdict(g.record_id, judge.key, None, reason=f"could not read image: {e}")
+                    )
+                    continue
+                reference_image = None
+                rg = ref_gens.get(g.record_id)
+                if ref_store is not None and rg is not None and rg.status == "ok" and rg.image_path:
+                    try:
+                        reference_image = _open_image(ref_store, rg.image_path)
+                    except (OSError, UnidentifiedImageError):
+                        reference_image = None
+                items.append(
+                    JudgeItem(
+                        g.record_id,
+                        image,
+                        p.text if p else "",
+                        p.category if p else "",
+                        p.label if p else "",
+                        reference_image,
+                    )
+                )
+            if items:
+                verdicts += judge.judge_batch(items)
+            store.append_verdicts(judge.key, verdicts)
+            bar.update(len(chunk))
     return judge.key, len(todo)

@@ -70,6 +70,9 @@ class BlankJudge:
             "max": float(arr.max()),
         }
 
+    def judge_batch(self, items: list[Any]) -> list[Verdict]:
+        return [self.judge(it.record_id, it.image) for it in items]
+
     def judge(self, record_id: str, image: Image.Image) -> Verdict:
         m = self.measure(image)
         black = m["mean"] <= self.black_max_mean
