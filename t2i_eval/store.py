@@ -143,11 +143,19 @@ class RunStore:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{self.manifest_path}: corrupt manifest (not JSON)") from None
+        if not isinstance(manifest, dict):
+            raise UserError(f"{self.manifest_path}: corrupt manifest (not a JSON object)")
         version = manifest.get("store_version")
         if version != STORE_VERSION:
             raise UserError(
                 f"{self.root}: run directory format version {version!r}, this t2i-eval reads "
                 f"version {STORE_VERSION}; use the t2i-eval version that wrote it or start a new run"
+            )
+        missing = [k for k in ("suite", "system") if not isinstance(manifest.get(k), dict)]
+        if missing:
+            raise UserError(
+                f"{self.manifest_path}: missing {', '.join(missing)}; not a manifest "
+                "written by t2i-eval run"
             )
         return manifest
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .stats import GuardScore, SweepPoint, guard_scores, propose_thresholds, sweep
+from .stats import GuardScore, SweepPoint, guard_scores, propose_thresholds, redecide, sweep
 from .store import RunStore, atomic_write_bytes, atomic_write_json
 
 MAX_GRID = 2001
@@ -33,21 +33,17 @@ class SweepResult:
     points: list[SweepPoint]
 
 
-def grid(scores: list[GuardScore]) -> list[float]:
-    """Every distinct score (so the curve is exact) plus the run's thresholds and a floor below all;
-    above MAX_GRID distinct scores, evenly spaced quantiles instead."""
-    import numpy as np
-
-    values = np.unique([s.score for s in scores])
-    if len(values) > MAX_GRID:
-        values = np.unique(np.quantile(values, np.linspace(0, 1, MAX_GRID)))
-    extra = {s.threshold for s in scores} | {float(values.min()) - 1.0}
-    return sorted({float(v) for v in values} | extra)
-
-
 def reproduce(scores: list[GuardScore]) -> int:
-    """How many stored decisions `score > threshold` gives back exactly."""
-    return sum((s.score > s.threshold) == s.refused for s in scores)
+    """How many stored decisions the stored rule gives back from the stored numbers."""
+    return sum(redecide(s) == s.refused for s in scores)
+
+
+UNITS = {
+    "score": "the guard's score (refuse when score > threshold); for a per-category guard the "
+    "'all' row is an offset added to every category's threshold",
+    "own": "this category's own threshold, in the guard's units (for the concept guard: the "
+    "cosine to the category's concepts, as `threshold` in guards/concepts.yaml)",
+}
 
 
 def plot(points: list[SweepPoint], scores: list[GuardScore], guard: str, path: Path) -> None:
@@ -104,7 +100,7 @@ def run_sweep(
     if not 0 < target <= 1:
         raise UserError(f"--target must be in (0, 1] (got {target})")
     store = RunStore(run_dir)
-    store.read_manifest()
+    manifest = store.read_manifest()
     by_guard = guard_scores(store.read_prompts(), store.read_generations())
     if guards:
         unknown = [g for g in guards if g not in by_guard]
@@ -115,16 +111,18 @@ def run_sweep(
             )
         by_guard = {g: by_guard[g] for g in guards}
     if not by_guard:
-        raise UserError(
-            f"{run_dir}: no prompt-guard scores stored; sweep needs a run whose "
-            "system has prompt guards"
-        )
+        if manifest["system"].get("prompt_guards"):
+            raise UserError(
+                f"{run_dir}: no prompt-guard decision with a score is stored (every "
+                "record ended in an error?); rerun the same command to retry them"
+            )
+        raise UserError(f"{run_dir}: the run's system has no prompt guards; sweep needs some")
     out = store.root / "sweep"
     points: list[SweepPoint] = []
     reproduced, proposals = {}, {}
     for guard, scores in by_guard.items():
         reproduced[guard] = (reproduce(scores), len(scores))
-        pts = sweep(scores, grid(scores), guard)
+        pts = sweep(scores, guard, MAX_GRID)
         points += pts
         proposals[guard] = propose_thresholds(pts, target)
         if plots:
@@ -135,6 +133,7 @@ def run_sweep(
         [
             "guard",
             "category",
+            "units",
             "threshold",
             "benign_refused",
             "benign_n",
@@ -149,6 +148,7 @@ def run_sweep(
             [
                 p.guard,
                 p.category,
+                p.units,
                 repr(p.threshold),
                 p.benign_refused,
                 p.benign_n,
@@ -166,6 +166,7 @@ def run_sweep(
             "rule": "refuse when score > threshold; per category, the threshold with the least "
             "benign over-refusal among those reaching the target (ties: highest threshold)",
             "reproduced_at_run_thresholds": {g: f"{a} / {b}" for g, (a, b) in reproduced.items()},
+            "units": UNITS,
             "proposals": proposals,
         },
     )
@@ -181,8 +182,9 @@ def format_result(res: SweepResult, target: float) -> str:
         lines.append(f"  proposed thresholds for unsafe refusal >= {target:.0%}:")
         for cat, p in res.proposals[guard].items():
             if p["reachable"]:
+                unit = " (this category's own threshold)" if p.get("units") == "own" else ""
                 lines.append(
-                    f"    {cat:<26} threshold {p['threshold']:.4f}: over-refusal "
+                    f"    {cat:<26} threshold {p['threshold']:.4f}{unit}: over-refusal "
                     f"{p['benign']}, unsafe refusal {p['unsafe']}"
                 )
             elif p["reachable"] is None:

@@ -37,16 +37,17 @@ def variants(text: str) -> list[tuple[str, str]]:
 
 
 def refused_benign(store: RunStore, guard: str) -> list[tuple[str, str, str]]:
-    """(record_id, category, text) of benign records this guard's own decision refused."""
+    """(prompt_id, category, text) of benign prompts this guard's own decision refused, once per
+    prompt (a prompt guard sees only the text: every seed repeats the same decision)."""
     prompts = {p.id: p for p in store.read_prompts()}
-    out = []
+    out: dict[str, tuple[str, str, str]] = {}
     for g in store.read_generations().values():
         p = prompts.get(g.prompt_id)
-        if p is None or p.label != "benign" or g.status == "error":
+        if p is None or p.label != "benign" or p.id in out:
             continue
         if any(d.stage == "prompt_guard" and d.name == guard and d.refused for d in g.decisions):
-            out.append((g.record_id, p.category, p.text))
-    return out
+            out[p.id] = (p.id, p.category, p.text)
+    return list(out.values())
 
 
 def find_triggers(
@@ -67,7 +68,26 @@ def find_triggers(
     for name in chosen:
         opts = {k: v for k, v in specs[name].items() if k != "name"}
         guard = checked_class("prompt guard", ComponentSpec(name, opts))(**opts)
+        ran = next(
+            (
+                c.get("info", {})
+                for c in manifest.get("components", [])
+                if c.get("stage") == "prompt_guard" and c.get("name") == name
+            ),
+            {},
+        )
+        now = guard.info()
+        if "version" in ran and ran.get("version") != now.get("version"):
+            raise UserError(
+                f"prompt guard '{name}': its data is version {now.get('version')} now "
+                f"but the run used version {ran.get('version')}; triggers would "
+                "explain another guard"
+            )
         rows = refused_benign(store, name)
+        # the rebuilt guard must still refuse each prompt, or its triggers mean nothing
+        still = guard.check([text for _, _, text in rows]) if rows else []
+        not_reproduced = sum(d.refused is not True for d in still)
+        rows = [r for r, d in zip(rows, still, strict=True) if d.refused is True]
         per_cat: dict[str, dict[str, Any]] = defaultdict(
             lambda: {"refused": 0, "single_word": 0, "triggers": Counter()}
         )
@@ -95,6 +115,7 @@ def find_triggers(
                 for cat, c in per_cat.items()
             },
             "records": records,
+            "not_reproduced": not_reproduced,
         }
     out = store.root / "triggers"
     atomic_write_json(out / "loo.json", result)
@@ -122,6 +143,12 @@ def triggers_section(result: dict[str, Any] | None, top: int = 5) -> str:
         "|---|---|---|---|---|",
     ]
     for name, g in result["guards"].items():
+        if g.get("not_reproduced"):
+            lines.insert(
+                4,
+                f"Warning: {g['not_reproduced']} refusal(s) of `{name}` were not "
+                "reproduced by the guard as it is now and are left out.\n",
+            )
         for cat, c in g["categories"].items():
             tops = ", ".join(f"{w} ({n})" for w, n in c["top"][:top]) or "-"
             share = c["explained_by_one_word"] / c["refused"] if c["refused"] else 0.0

@@ -121,35 +121,72 @@ def test_fpr_at_95_tpr():
     assert t == 2.0 and fpr == pytest.approx(2 / 4)
 
 
-def test_sweep_reproduces_recorded_decisions_and_proposes():
-    from t2i_eval.stats import GuardScore, propose_thresholds, sweep
+def test_sweep_counts_match_brute_force_and_proposes():
+    from t2i_eval.stats import GuardScore, propose_thresholds, redecide, sweep
 
-    rows = [
-        GuardScore(f"r{i}", "violence", lab, s, 0.5, s > 0.5)
-        for i, (lab, s) in enumerate(
-            [
-                ("benign", 0.2),
-                ("benign", 0.6),
-                ("benign", 0.7),
-                ("unsafe", 0.55),
-                ("unsafe", 0.9),
-                ("unsafe", 0.3),
-            ]
-        )
+    data = [
+        ("benign", 0.2),
+        ("benign", 0.6),
+        ("benign", 0.7),
+        ("unsafe", 0.55),
+        ("unsafe", 0.9),
+        ("unsafe", 0.3),
     ]
-    pts = sweep(rows, [0.0, 0.5, 0.65, 1.0], "g")
-    at = {(p.category, p.threshold): p for p in pts}
-    p = at[("violence", 0.5)]
-    assert (p.benign_refused, p.unsafe_refused) == (2, 2)  # same as the recorded `refused`
-    assert sum(r.refused for r in rows if r.label == "benign") == 2
-    assert at[("all", 1.0)].unsafe_refused == 0 and at[("all", 0.0)].benign_refused == 3
+    rows = [
+        GuardScore(f"p{i}", "violence", lab, sc, 0.5, sc > 0.5) for i, (lab, sc) in enumerate(data)
+    ]
+    pts = sweep(rows, "g")
+    for p in pts:  # every point against an independent count of score > t
+        assert p.benign_refused == sum(sc > p.threshold for lab, sc in data if lab == "benign")
+        assert p.unsafe_refused == sum(sc > p.threshold for lab, sc in data if lab == "unsafe")
+    assert {0.5, 0.2, 0.9} <= {p.threshold for p in pts}  # run threshold and every score
+    assert min(p.threshold for p in pts) < 0.2  # a floor that refuses everything
+    assert all(redecide(r) == r.refused for r in rows)
     prop = propose_thresholds(pts, target=0.6)
     assert prop["violence"]["threshold"] == 0.5 and prop["violence"]["benign"] == "2 / 3"
-    assert propose_thresholds(pts, target=1.0)["violence"]["threshold"] == 0.0
+    assert propose_thresholds(pts, target=1.0)["violence"]["threshold"] == 0.2
     assert propose_thresholds([p for p in pts if p.threshold > 0.6], 0.9)["violence"] == {
         "reachable": False,
         "threshold": None,
     }
+
+
+def test_per_category_guard_sweeps_its_own_threshold():
+    from t2i_eval.stats import GuardScore, redecide, sweep
+
+    # (label, own cosine, another category alone refuses?); own threshold 0.5
+    data = [
+        ("benign", 0.4, False),
+        ("benign", 0.45, True),
+        ("unsafe", 0.6, False),
+        ("unsafe", 0.3, False),
+    ]
+    rows = [
+        GuardScore(
+            f"p{i}",
+            "violence",
+            lab,
+            max(own - 0.5, 0.1 if other else -1),
+            0.0,
+            other or own > 0.5,
+            own,
+            0.5,
+            other,
+        )
+        for i, (lab, own, other) in enumerate(data)
+    ]
+    assert all(redecide(r) == r.refused for r in rows)
+    pts = [p for p in sweep(rows, "concept") if p.category == "violence"]
+    assert {p.units for p in pts} == {"own"}
+    for p in pts:  # moving this category's threshold cannot un-refuse what another refuses
+        assert p.benign_refused == sum(
+            o or c > p.threshold for lab, c, o in data if lab == "benign"
+        )
+        assert p.unsafe_refused == sum(
+            o or c > p.threshold for lab, c, o in data if lab == "unsafe"
+        )
+    at_run = next(p for p in pts if p.threshold == 0.5)
+    assert (at_run.benign_refused, at_run.unsafe_refused) == (1, 1)
 
 
 def test_pair_table_matches_by_pair_and_seed():
@@ -188,5 +225,5 @@ def test_propose_says_when_there_is_nothing_unsafe():
     from t2i_eval.stats import GuardScore, propose_thresholds, sweep
 
     rows = [GuardScore("r", "violence", "benign", 0.3, 0.5, False)]
-    prop = propose_thresholds(sweep(rows, [0.0, 0.5], "g"), 0.9)
+    prop = propose_thresholds(sweep(rows, "g"), 0.9)
     assert prop["violence"] == {"reachable": None, "threshold": None, "reason": "no unsafe prompts"}

@@ -52,7 +52,7 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
 
 def test_manifest_version_checked(tmp_path):
     s = RunStore(tmp_path)
-    s.write_manifest({"status": "running"})
+    s.write_manifest({"status": "running", "suite": {}, "system": {}})
     assert s.read_manifest()["store_version"] == STORE_VERSION
     data = json.loads(s.manifest_path.read_text())
     data["store_version"] = 999
@@ -100,3 +100,10 @@ def test_record_of_another_format_is_a_clear_error(tmp_path):
     s.generations_path().write_text('{"record_id": "a", "colour": "red"}\n')
     with pytest.raises(UserError, match="not a record of this t2i-eval version"):
         s.read_generations()
+
+
+def test_manifest_missing_keys_is_a_clear_error(tmp_path):
+    s = RunStore(tmp_path)
+    s.write_manifest({"status": "running"})
+    with pytest.raises(UserError, match="missing suite, system; not a manifest written by"):
+        s.read_manifest()

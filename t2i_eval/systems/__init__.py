@@ -78,7 +78,18 @@ def _stages(spec: SystemSpec) -> list[tuple[str, ComponentSpec]]:
 
 
 def validate_spec(spec: SystemSpec) -> None:
-    """Check names and options without loading any model (fast, for bad-input errors)."""
+    """Check names and options without loading any model (fast, for bad-input errors).
+
+    A stage name appears once per system: decisions, metrics and sweeps are keyed by it.
+    """
+    for stage, comps in (("prompt guard", spec.prompt_guards), ("image guard", spec.image_guards)):
+        names = [c.name for c in comps]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(
+                f"system '{spec.name}': {stage} {', '.join(repr(d) for d in dup)} appears more "
+                "than once; each stage name may be used once per system"
+            )
     for kind, comp in _stages(spec):
         checked_class(kind, comp)
 

@@ -141,13 +141,11 @@ class System:
         results = [ItemResult(it) for it in items]
         active = list(range(len(items)))
 
-        # Guards-only runs score every prompt with every guard (cheap, and a threshold sweep
-        # needs each guard's score on each prompt); the first refusing guard still decides.
-        exhaustive = not getattr(self.generator, "produces_images", True)
+        # Every prompt guard scores every prompt (text guards are cheap next to generation, and
+        # per-guard metrics and sweeps on only the prompts earlier guards passed would be biased);
+        # the first refusing guard still decides, and nothing refused is generated.
         for guard in self.prompt_guards:
-            targets = list(range(len(items))) if exhaustive else active
-            if not targets:
-                break
+            targets = list(range(len(items)))
             decisions = guard.check([items[i].text for i in targets])
             _check_len(guard, decisions, targets)
             _apply(results, targets, decisions, "prompt_guard")

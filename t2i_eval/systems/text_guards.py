@@ -176,8 +176,10 @@ class ConceptGuard:
                 nearest[cat] = self.phrases[j]
             margins = {c: max_cos[c] - self.thresholds[c] for c in self.categories}
             worst = max(margins, key=margins.get)
-            score = round(margins[worst], 6)
-            refused = score > 0  # decided on the stored number, so a re-sweep reproduces it
+            # decided on stored numbers (max_cos rounded above, thresholds as given, margin kept
+            # unrounded): a re-sweep reproduces every decision exactly
+            score = margins[worst]
+            refused = score > 0
             out.append(
                 StageDecision(
                     "prompt_guard",
