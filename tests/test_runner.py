@@ -53,7 +53,7 @@ def test_run_records_every_outcome_and_manifest(tmp_path):
     assert m["status"] == "failed" and "infrastructure errors" in m["error"]
     assert m["suite"]["digest"] == suite.digest and m["argv"] == ["x"]
     assert m["components"][0]["weights"] == "fake"
-    blank = store.read_verdicts("blank@1")
+    blank = store.read_verdicts("blank@2")
     dark = next(g for g in gens.values() if g.prompt_id == suite.prompts[4].id)
     assert blank[dark.record_id].flagged is True
     assert len(blank) == 10  # every delivered image judged, none of the refused/errored
@@ -109,7 +109,7 @@ def test_single_item_batch_error_is_recorded_not_raised(tmp_path):
     assert len(gens) == 4 and res.failed == 1
     (err,) = [g for g in gens.values() if g.status == "error"]
     assert "scripted infrastructure error" in err.error
-    assert len(RunStore(out).read_verdicts("blank@1")) == 3  # judging still ran
+    assert len(RunStore(out).read_verdicts("blank@2")) == 3  # judging still ran
 
 
 def test_could_not_check_is_an_error_never_a_pass(tmp_path, monkeypatch):
@@ -207,10 +207,10 @@ def test_cli_run_report_judge_list(tmp_path, capsys):
     assert csv_text.startswith("system,category,label,measure,k,n,rate,ci_low,ci_high")
     assert main(["report", str(out)]) == 0
     assert main(["judge", str(out), "-q"]) == 0
-    assert "blank@1: 0 new verdict(s)" in capsys.readouterr().out
+    assert "blank@2: 0 new verdict(s)" in capsys.readouterr().out
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
-    for word in ("core", "default", "tiny", "fake", "blocklist", "safety_checker", "blank@1"):
+    for word in ("core", "default", "tiny", "fake", "blocklist", "safety_checker", "blank@2"):
         assert word in listing
 
 
