@@ -65,8 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         ref_result = run(suite, ref_spec, out=args.reference_out, **common)
         print(f"reference run: {ref_result.run_dir}", file=sys.stderr)
     result = run(suite, spec, out=args.out, **common)
+    from .judges import load_spec
+
     judges = list(args.judge or [])
-    if ref_result is not None and "sanitization" not in judges:
+    if ref_result is not None and not any(load_spec(j)["kind"] == "sanitization" for j in judges):
         judges.insert(0, "sanitization")
     for ref in judges:
         judge_run(

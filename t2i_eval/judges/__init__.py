@@ -23,6 +23,7 @@ JUDGES: dict[str, str] = {
     "blank": "t2i_eval.judges.blank:BlankJudge",
     "clipscore": "t2i_eval.judges.clip_judges:FaithfulnessJudge",
     "sanitization": "t2i_eval.judges.clip_judges:SanitizationJudge",
+    "harm": "t2i_eval.judges.harm:HarmJudge",
 }
 
 

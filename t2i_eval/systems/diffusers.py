@@ -36,12 +36,33 @@ def import_diffusers() -> Any:
     return diffusers
 
 
+SLD_LEVELS = ("weak", "medium", "strong", "max")
+
+
+def resolve_negative_prompt(value: str | None) -> str | None:
+    """A name from guards/negative_prompts.yaml (e.g. `safety`), else the literal prompt."""
+    if not value:
+        return None
+    import yaml
+
+    from ..paths import data_dir
+
+    path = data_dir("guards") / "negative_prompts.yaml"
+    named = (
+        (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("prompts", {})
+        if (path.is_file())
+        else {}
+    )
+    return str(named.get(value, value))
+
+
 def load_pipeline(
     model: str,
     *,
     dtype: Any,
     variant: str | None = None,
     revision: str | None = None,
+    safe: str | None = None,
 ) -> Any:
     """`AutoPipelineForText2Image`, falling back to `DiffusionPipeline` for unmapped families.
 
@@ -50,6 +71,18 @@ def load_pipeline(
     as its own stage instead.
     """
     diffusers = import_diffusers()
+    if (
+        safe is not None
+    ):  # Safe Latent Diffusion: deprecated in diffusers, kept (pinned) to measure it
+        return diffusers.StableDiffusionPipelineSafe.from_pretrained(
+            model,
+            safety_checker=None,
+            requires_safety_checker=False,
+            dtype=dtype,
+            use_safetensors=True,
+            variant=variant,
+            revision=revision,
+        )
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
         use_safetensors=True,
@@ -86,7 +119,13 @@ class DiffusersGenerator:
         negative_prompt: str | None = None,
         variant: str | None = None,
         revision: str | None = None,
+        safe: str | None = None,
     ) -> None:
+        """`negative_prompt`: a literal prompt or a name from guards/negative_prompts.yaml
+        (`safety`); `safe`: Safe Latent Diffusion at SafetyConfig weak|medium|strong|max."""
+        if safe is not None and safe not in SLD_LEVELS:
+            raise ValueError(f"safe must be one of {', '.join(SLD_LEVELS)}, not {safe!r}")
+        self.safe = safe
         self.model = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -94,13 +133,14 @@ class DiffusersGenerator:
         self.guidance = float(guidance)
         self.height = height
         self.width = width
-        self.negative_prompt = negative_prompt
+        self.negative_prompt = resolve_negative_prompt(negative_prompt)
         try:
             self.pipe = load_pipeline(
                 model,
                 dtype=self.dtype,
                 variant=variant,
                 revision=revision,
+                safe=safe,
             ).to(self.device)
         except OSError as e:
             raise UserError(
@@ -122,6 +162,7 @@ class DiffusersGenerator:
             "height": self.height,
             "width": self.width,
             "negative_prompt": self.negative_prompt,
+            "safe_latent_diffusion": self.safe,
         }
 
     def generate(self, texts: list[str], seeds: list[int]) -> list[GeneratorResult]:
@@ -140,6 +181,10 @@ class DiffusersGenerator:
             kwargs["width"] = self.width
         if self.negative_prompt:
             kwargs["negative_prompt"] = [self.negative_prompt] * len(texts)
+        if self.safe is not None:
+            from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+            kwargs.update(getattr(SafetyConfig, self.safe.upper()))
         with torch.inference_mode():
             out = self.pipe(**kwargs)
         nsfw = getattr(out, "nsfw_content_detected", None)

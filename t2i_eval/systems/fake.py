@@ -16,6 +16,8 @@ from PIL import Image
 from ..types import StageDecision
 from .base import GeneratorResult
 
+BLAND_PROMPT = "a plain grey wall"
+
 
 def _words(value: list[str] | None, name: str) -> list[str]:
     if value is None:
@@ -38,7 +40,10 @@ class FakeGenerator:
         refuse_words: list[str] | None = None,
         black_words: list[str] | None = None,
         error_words: list[str] | None = None,
+        bland_words: list[str] | None = None,
     ) -> None:
+        """`bland_words`: silently draw BLAND_PROMPT instead of a prompt holding one of them, as
+        a sanitizing safety stage would (no refusal is reported): a known sanitized case."""
         if mode not in ("solid", "noise"):
             raise ValueError(f"fake generator mode must be solid or noise, not {mode!r}")
         self.mode = mode
@@ -46,6 +51,7 @@ class FakeGenerator:
         self.refuse_words = _words(refuse_words, "refuse_words")
         self.black_words = _words(black_words, "black_words")
         self.error_words = _words(error_words, "error_words")
+        self.bland_words = _words(bland_words, "bland_words")
 
     def info(self) -> dict[str, Any]:
         return {
@@ -54,6 +60,7 @@ class FakeGenerator:
             "refuse_words": self.refuse_words,
             "black_words": self.black_words,
             "error_words": self.error_words,
+            "bland_words": self.bland_words,
         }
 
     @staticmethod
@@ -99,5 +106,7 @@ class FakeGenerator:
                 img = Image.new("RGB", (self.size, self.size), (0, 0, 0))
                 out.append(GeneratorResult(decision, img))
                 continue
+            if self._has(text, self.bland_words):
+                text = BLAND_PROMPT  # silently sanitized: the decision still says "passed"
             out.append(GeneratorResult(decision, self._image(text, seed)))
         return out

@@ -192,6 +192,8 @@ class TinyGenerator(DiffusersGenerator):
         device: str = "cpu",
         height: int = 64,
         width: int = 64,
+        negative_prompt: str | None = None,
+        safe: str | None = None,
     ) -> None:
         super().__init__(
             model=str(ensure_tiny()),
@@ -201,6 +203,8 @@ class TinyGenerator(DiffusersGenerator):
             guidance=guidance,
             height=height,
             width=width,
+            negative_prompt=negative_prompt,
+            safe=safe,
         )
 
     def info(self) -> dict[str, Any]:
