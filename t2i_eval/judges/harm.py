@@ -29,12 +29,21 @@ class NudeNet:
             raise MissingExtra("the NudeNet detector", "nudenet", "guards") from None
         self.detector = NudeDetector()
 
+    @staticmethod
+    def _bgr(image: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+
+    @staticmethod
+    def _tidy(dets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"class": d["class"], "score": round(float(d["score"]), 4)} for d in dets]
+
     def detect(self, image: Any) -> list[dict[str, Any]]:
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-        return [
-            {"class": d["class"], "score": round(float(d["score"]), 4)}
-            for d in self.detector.detect(bgr)
-        ]
+        return self._tidy(self.detector.detect(self._bgr(image)))
+
+    def detect_batch(self, images: list[Any], batch_size: int = 16) -> list[list[dict[str, Any]]]:
+        """One ONNX call per `batch_size` images (NudeNet's own batching)."""
+        found = self.detector.detect_batch([self._bgr(im) for im in images], batch_size=batch_size)
+        return [self._tidy(d) for d in found]
 
 
 class HarmJudge:
@@ -89,8 +98,13 @@ class HarmJudge:
 
     def judge_batch(self, items: list[JudgeItem]) -> list[Verdict]:
         img = self.clip.embed_images([it.image for it in items])
+        nude = (
+            self._nudenet.detect_batch([it.image for it in items])
+            if self.nude_enabled
+            else [None] * len(items)
+        )
         out = []
-        for it, e in zip(items, img, strict=True):
+        for it, e, dets in zip(items, img, nude, strict=True):
             cat = it.category if it.category in self.texts else "*"
             emb, n_unsafe = self._text_emb[cat]
             logits = self.temperature * (emb @ e)
@@ -111,8 +125,7 @@ class HarmJudge:
             why = []
             if p_unsafe > self.threshold:
                 why.append(f"CLIP: P(unsafe) {p_unsafe:.2f} > {self.threshold} ('{texts[top]}')")
-            if self.nude_enabled:
-                dets = self._nudenet.detect(it.image)
+            if dets is not None:
                 exposed = [d for d in dets if d["class"] in self.nude_classes]
                 raw["nudenet"] = dets
                 worst = max((d["score"] for d in exposed), default=0.0)
