@@ -21,6 +21,7 @@ EPILOG = """examples:
   t2i-eval judge RUN_DIR --judge sanitization --reference REF_RUN_DIR --clip tiny
   t2i-eval run --system concept --out outputs/concept && t2i-eval sweep outputs/concept --target 0.9
   t2i-eval triggers outputs/concept                 which words make the guard refuse benign prompts
+  t2i-eval rewrite outputs/concept --rewriter rule --all   rewriting as mitigation, scored
   t2i-eval list
 """
 
@@ -129,12 +130,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_triggers(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .triggers import find_triggers, triggers_section
+    from .store import RunStore, atomic_write_json
+    from .triggers import find_triggers, predictor_section, refusal_predictor, triggers_section
 
     result = find_triggers(args.run_dir, guards=args.guard, progress=not args.quiet)
+    predictor = refusal_predictor(args.run_dir)
+    atomic_write_json(RunStore(args.run_dir).root / "triggers" / "predictor.json", predictor)
     write_report(args.run_dir)
     print(triggers_section(result, top=args.top).strip())
-    print(f"written: {args.run_dir}/triggers/loo.json, loo.csv")
+    print(predictor_section(predictor).rstrip())
+    print(f"written: {args.run_dir}/triggers/loo.json, loo.csv, predictor.json")
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from .mitigation import run_rewrite
+
+    linked, text = run_rewrite(
+        args.run_dir,
+        args.rewriter,
+        all_prompts=args.all,
+        out=args.out,
+        clip=args.clip,
+        base_url=args.base_url,
+        api_key_env=args.api_key_env,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet,
+    )
+    print(text)
+    print(f"linked run: {linked / 'run'}; rewrites: {linked / 'rewrites.jsonl'}")
     return 0
 
 
@@ -264,6 +288,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="triggers listed per category (default: 5)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_triggers)
+
+    p = sub.add_parser(
+        "rewrite",
+        help="rewrite a run's prompts, rerun them, score refusals recovered vs meaning "
+        "kept vs harm leaked",
+        description="Prompt rewriting as mitigation. By default rewrites the benign prompts the "
+        "run refused; --all rewrites every prompt (needed to measure leakage on unsafe ones).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--rewriter",
+        default="rule",
+        help="rule (default), rule:LEXICON.yaml, or llm:MODEL (local transformers model "
+        "id/path, or with --base-url an OpenAI-compatible endpoint)",
+    )
+    p.add_argument("--all", action="store_true", help="rewrite every prompt, unsafe ones too")
+    p.add_argument("--out", default=None, help="folder of the rewrites and linked run")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible API base URL (llm)")
+    p.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (never written anywhere)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--clip", default=None, help="CLIP model for image faithfulness ('tiny')")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("list", help="built-in suites, systems, components and judges")
     p.set_defaults(func=cmd_list)

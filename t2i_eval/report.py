@@ -28,7 +28,7 @@ from .stats import (
     tabulate,
 )
 from .store import RunStore, atomic_write_bytes, atomic_write_json
-from .triggers import triggers_section
+from .triggers import predictor_section, triggers_section
 from .types import Generation, Prompt, Verdict
 
 CAUSE_SHORT = {
@@ -96,6 +96,8 @@ class RunData:
     harm: dict[str, Verdict]
     judge_keys: dict[str, str | None]
     """kind -> the verdict file the report used (the judge of that kind run most recently)."""
+    manifest_dir: Path = Path(".")
+    """The run directory these were read from."""
 
     def table(self) -> Table:
         return tabulate(self.prompts, self.gens, self.blank, self.sanitization, self.harm)
@@ -127,6 +129,7 @@ def load_run(run_dir: str | Path) -> RunData:
         read("sanitization"),
         read("harm"),
         keys,
+        store.root,
     )
 
 
@@ -395,11 +398,14 @@ def write_report(run_dir: str | Path) -> str:
     pairs = pair_table(data.prompts, data.gens, data.blank, data.sanitization)
     loo = store.root / "triggers" / "loo.json"
     triggers = json.loads(loo.read_text()) if loo.exists() else None
+    pred = store.root / "triggers" / "predictor.json"
+    predictor = json.loads(pred.read_text()) if pred.exists() else None
     text = (
         markdown(table, manifest, store.root)
         + guard_section(metrics)
         + pair_section(pairs)
         + triggers_section(triggers)
+        + predictor_section(predictor)
         + judges_section(store, data)
     )
     out = store.report_dir

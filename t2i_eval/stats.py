@@ -494,3 +494,14 @@ def guard_metrics(prompts: list[Prompt], gens: dict[str, Generation]) -> dict[st
             }
         out[guard] = per
     return out
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b and c discordant pairs: 2 * P(X <= min(b, c)) with
+    X ~ Binomial(b + c, 1/2), capped at 1."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)

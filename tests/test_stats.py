@@ -227,3 +227,12 @@ def test_propose_says_when_there_is_nothing_unsafe():
     rows = [GuardScore("r", "violence", "benign", 0.3, 0.5, False)]
     prop = propose_thresholds(sweep(rows, "g"), 0.9)
     assert prop["violence"] == {"reachable": None, "threshold": None, "reason": "no unsafe prompts"}
+
+
+def test_mcnemar_exact_against_hand_values():
+    from t2i_eval.stats import mcnemar_exact
+
+    # b=8, c=2: 2 * (C(10,0)+C(10,1)+C(10,2)) / 2^10 = 2 * 56 / 1024
+    assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(12, 0) == pytest.approx(2 / 4096)

@@ -162,6 +162,7 @@ def judge_run(
         "weights": getattr(judge, "weights", "rules"),
         "reference": str(reference) if reference else None,
         "spec": spec.get("_path"),
+        "clip": clip,
         "at": _now(),
     }
     store.update_manifest(judges=judges_info)

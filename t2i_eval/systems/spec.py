@@ -201,3 +201,9 @@ def _load_yaml(path: Path) -> SystemSpec:
     if not isinstance(data, dict):
         raise UserError(f"system spec {path}: expected a mapping with keys {sorted(_SPEC_KEYS)}")
     return _from_layout(path.stem, data, f"system spec {path}")
+
+
+def spec_from_manifest(system: dict[str, Any]) -> SystemSpec:
+    """The SystemSpec a run recorded in its manifest (to run it again, e.g. on rewrites)."""
+    layout = {k: system[k] for k in ("prompt_guards", "generator", "image_guards") if k in system}
+    return _from_layout(str(system.get("name", "system")), layout, "run manifest system")

@@ -1,0 +1,339 @@
+"""Prompt rewriting as a mitigation: Suite -> Suite, every rewrite keeping its `parent_id`.
+
+Rewriters:
+- `rule`: replaces trigger words (from guards/rewrite_lexicon.yaml, and the run's leave-one-out
+  triggers when present) with context-preserving alternatives; deterministic and offline.
+- `llm`: a chat model rewrites the prompt (instructions in guards/rewrite_prompt.yaml), either a
+  local transformers model (chat template, greedy, bounded new tokens) or any OpenAI-compatible
+  endpoint (`--base-url`; the key is read from an environment variable and never written).
+
+Every output is validated: empty, overlong, refusing ("I can't help with that") and unchanged
+rewrites are recorded with that status and never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .paths import data_dir
+
+STATUSES = ("ok", "empty", "overlong", "refusal", "unchanged", "error")
+
+_REFUSAL = re.compile(
+    r"^\s*(i\s*(can(no|')t|cannot|won't|will not|am unable|'m unable|'m sorry|am sorry)|sorry\b|"
+    r"as an ai\b|i apologi[sz]e|unfortunately,? i)",
+    re.IGNORECASE,
+)
+_PREFIX = re.compile(r"^\s*(rewritten( image)? prompt|prompt|rewrite)\s*:\s*", re.IGNORECASE)
+
+
+@dataclass
+class Rewrite:
+    """One prompt's rewrite and what became of it."""
+
+    parent_id: str
+    original: str
+    text: str
+    status: str
+    rewriter: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def validate(original: str, raw: str | None, max_ratio: float = 3.0) -> tuple[str, str]:
+    """(status, cleaned text): strip quotes and 'Rewritten prompt:' prefixes, then classify."""
+    text = (raw or "").strip().splitlines()[0].strip() if (raw or "").strip() else ""
+    text = _PREFIX.sub("", text).strip().strip('"').strip("'").strip()
+    if not text:
+        return "empty", text
+    if _REFUSAL.match(text):
+        return "refusal", text
+    if len(text.split()) > max_ratio * len(original.split()) + 20:
+        return "overlong", text
+    if " ".join(text.lower().split()) == " ".join(original.lower().split()):
+        return "unchanged", text
+    return "ok", text
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class RuleRewriter:
+    """Replace listed trigger words with their first context-preserving alternative."""
+
+    def __init__(
+        self, lexicon: str | None = None, triggers: dict[str, list[str]] | None = None
+    ) -> None:
+        self.path = Path(lexicon) if lexicon else data_dir("guards") / "rewrite_lexicon.yaml"
+        if not self.path.is_file():
+            raise UserError(f"rule rewriter: lexicon {self.path} not found")
+        data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        terms = data.get("terms")
+        if not isinstance(terms, dict) or not terms:
+            raise UserError(
+                f"rule rewriter: {self.path} needs a 'terms' mapping of word -> [alternatives]"
+            )
+        self.version = data.get("version")
+        self.terms = {str(k).lower(): [str(x) for x in v] for k, v in terms.items() if v}
+        # one pass over the text with every term, longest first ('drunk driving' before
+        # 'driving'), so a replacement is never itself rewritten again
+        alternation = "|".join(re.escape(t) for t in sorted(self.terms, key=len, reverse=True))
+        self._pattern = re.compile(rf"(?<![\w-])({alternation})(?:e?s)?(?![\w-])", re.IGNORECASE)
+        self.triggers = triggers or {}
+        self.key = f"rule@{self.version}"
+        self.spec = {"kind": "rule", "lexicon": str(self.path), "version": self.version}
+
+    def _covered(self, word: str) -> bool:
+        """A trigger the lexicon replaces, plural forms included (the matcher takes s/es)."""
+        return any(w in self.terms for w in (word, word.removesuffix("s"), word.removesuffix("es")))
+
+    def rewrite(self, parent_id: str, text: str) -> Rewrite:
+        replaced: list[str] = []
+
+        def swap(m: re.Match[str]) -> str:
+            term = m.group(1).lower()
+            replaced.append(term)
+            return self.terms[term][0]
+
+        out = self._pattern.sub(swap, text)
+        missing = [t for t in self.triggers.get(text, []) if not self._covered(t.lower())]
+        status, cleaned = validate(text, out)
+        return Rewrite(
+            parent_id,
+            text,
+            cleaned,
+            status,
+            self.key,
+            {"replaced": replaced, "triggers_without_alternative": missing},
+        )
+
+
+class ChatBackend:
+    """Something that answers one chat exchange."""
+
+    def chat(self, system: str, user: str) -> str: ...
+
+
+class TransformersChat(ChatBackend):
+    """A local causal LM: chat template, greedy decoding, at most `max_new_tokens` new tokens."""
+
+    def __init__(self, model: str, max_new_tokens: int = 96, device: str = "cpu") -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            from .errors import MissingExtra
+
+            raise MissingExtra("the llm rewriter", "transformers", "diffusers") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = (
+                AutoModelForCausalLM.from_pretrained(
+                    model, use_safetensors=True, trust_remote_code=False
+                )
+                .to(device)
+                .eval()
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"llm rewriter: could not load '{model}' ({str(e).splitlines()[0]})"
+            ) from None
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(
+                f"llm rewriter: '{model}' has no chat template; use an instruction-tuned chat model"
+            )
+        self._torch, self.device, self.max_new_tokens = torch, device, int(max_new_tokens)
+
+    def chat(self, system: str, user: str) -> str:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = {k: v.to(self.device) for k, v in ids.items()}
+        with self._torch.inference_mode():
+            out = self.model.generate(
+                **ids,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
+        new = out[0, ids["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+class TransientError(Exception):
+    """A failure worth retrying (rate limit, server error, timeout, broken body)."""
+
+
+class OpenAIChat(ChatBackend):
+    """Any OpenAI-compatible /chat/completions endpoint (vLLM, Ollama, hosted APIs).
+
+    Retries 429, 5xx, timeouts, connection resets and malformed bodies with bounded exponential
+    backoff and jitter, honouring Retry-After; the API key comes from `api_key_env` only.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        max_new_tokens: int = 96,
+        timeout: float = 60.0,
+        max_attempts: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
+        self.api_key_env = api_key_env
+        self.max_new_tokens, self.timeout = int(max_new_tokens), float(timeout)
+        self.max_attempts, self.backoff, self.max_backoff = int(max_attempts), backoff, max_backoff
+        self.attempts = 0  # total HTTP attempts, for reports and tests
+
+    def _once(self, body: bytes) -> str:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env or "", "")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        self.attempts += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 429 or e.code >= 500:
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+                raise TransientError(f"HTTP {e.code}", retry_after) from None
+            raise UserError(f"llm rewriter: {self.url} answered HTTP {e.code}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise TransientError(f"{type(e).__name__}: {e}", None) from None
+        try:
+            return str(json.loads(payload)["choices"][0]["message"]["content"] or "")
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise TransientError("malformed response body", None) from None
+
+    def chat(self, system: str, user: str) -> str:
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "max_tokens": self.max_new_tokens,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": user},
+                ],
+            }
+        ).encode()
+        for attempt in range(self.max_attempts):
+            try:
+                return self._once(body)
+            except TransientError as e:
+                if attempt == self.max_attempts - 1:
+                    raise
+                wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
+                retry_after = e.args[1] if len(e.args) > 1 else None
+                if retry_after:
+                    with contextlib.suppress(ValueError):
+                        wait = max(wait, min(self.max_backoff, float(retry_after)))
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+class LLMRewriter:
+    def __init__(
+        self, backend: ChatBackend, model: str, kind: str, instructions: str | None = None
+    ) -> None:
+        path = Path(instructions) if instructions else data_dir("guards") / "rewrite_prompt.yaml"
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if "system" not in data or "{prompt}" not in str(data.get("user", "")):
+            raise UserError(f"llm rewriter: {path} needs 'system' and a 'user' with {{prompt}}")
+        self.system, self.user = str(data["system"]), str(data["user"])
+        self.backend = backend
+        self.spec = {
+            "kind": f"llm-{kind}",
+            "model": model,
+            "instructions_version": data.get("version"),
+        }
+        self.key = f"llm:{model}"
+
+    def rewrite(self, parent_id: str, text: str) -> Rewrite:
+        try:
+            raw = self.backend.chat(self.system, self.user.replace("{prompt}", text))
+        except TransientError as e:
+            return Rewrite(parent_id, text, "", "error", self.key, {"error": str(e.args[0])})
+        status, cleaned = validate(text, raw)
+        return Rewrite(parent_id, text, cleaned, status, self.key, {"raw": raw[:500]})
+
+
+def build_rewriter(
+    ref: str,
+    *,
+    base_url: str | None = None,
+    api_key_env: str | None = None,
+    max_new_tokens: int = 96,
+    triggers: dict[str, list[str]] | None = None,
+) -> Any:
+    """`rule`, `rule:LEXICON.yaml`, or `llm:MODEL` (a local transformers model, or with
+    `base_url` an OpenAI-compatible endpoint)."""
+    kind, _, arg = ref.partition(":")
+    if kind == "rule":
+        return RuleRewriter(arg or None, triggers=triggers)
+    if kind == "llm":
+        if not arg:
+            raise UserError("--rewriter llm:MODEL needs a model id or path")
+        if base_url:
+            return LLMRewriter(
+                OpenAIChat(arg, base_url, api_key_env or "OPENAI_API_KEY", max_new_tokens),
+                arg,
+                "http",
+            )
+        return LLMRewriter(TransformersChat(arg, max_new_tokens), arg, "transformers")
+    raise UserError(f"unknown rewriter '{ref}' (expected rule, rule:LEXICON.yaml or llm:MODEL)")
+
+
+class RewriteCache:
+    """Rewrites keyed by (prompt text, rewriter spec), appended to a JSONL file: rerunning a
+    rewrite (or resuming one) never asks a model twice."""
+
+    def __init__(self, path: Path, spec: dict[str, Any]) -> None:
+        self.path, self.spec_digest = path, _digest(spec)
+        self.cache: dict[str, Rewrite] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line: that rewrite is simply redone
+                key = d.pop("key")  # before Rewrite(**d): it takes no 'key'
+                self.cache[key] = Rewrite(**d)
+
+    def key(self, text: str) -> str:
+        return hashlib.sha256(f"{self.spec_digest}\x1f{text}".encode()).hexdigest()[:20]
+
+    def get_or_make(self, parent_id: str, text: str, make: Callable[[], Rewrite]) -> Rewrite:
+        k = self.key(text)
+        hit = self.cache.get(k)
+        if hit is not None and hit.status != "error":  # errors are retried
+            return Rewrite(parent_id, hit.original, hit.text, hit.status, hit.rewriter, hit.details)
+        rw = make()
+        self.cache[k] = rw
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": k, **asdict(rw)}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return rw
