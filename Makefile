@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-.PHONY: install demo test lint lock clean bench-guards
+.PHONY: install demo test lint lock clean bench-guards bench-rewrite bench-judges
 
 install: $(STAMP)
 
@@ -47,6 +47,14 @@ lint: install
 bench-guards: install
 	$(BIN)/python bench/guards_overt.py
 	$(BIN)/python bench/guards_speed.py
+
+# Rule rewriting on OVERT (writes docs/rewrite_overt.md).
+bench-rewrite: install
+	$(BIN)/python bench/rewrite_overt.py
+
+# Image judges: images/s batched vs one at a time, share of run time (prints a table).
+bench-judges: install
+	$(BIN)/python bench/judges_speed.py
 
 # Re-resolve the lock (needs the package registry). torch stays on the CPU wheel.
 lock:
