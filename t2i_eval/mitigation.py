@@ -88,12 +88,15 @@ def run_rewrite(
         for g in json.loads(loo.read_text()).get("guards", {}).values():
             for r in g.get("records", []):
                 triggers[r["text"]] += r["triggers"]
+    spec = spec_from_manifest(parent.manifest["system"])
+    check = _guard_check(spec) if rewriter.startswith("rule") and spec.prompt_guards else None
     rw = build_rewriter(
         rewriter,
         base_url=base_url,
         api_key_env=api_key_env,
         max_new_tokens=max_new_tokens,
         triggers=dict(triggers),
+        check=check,
     )
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", rw.key).strip("-")
     linked = Path(out) if out else parent_dir.parent / f"{parent_dir.name}__rw-{slug}"
@@ -140,7 +143,7 @@ def run_rewrite(
         )
         run(
             suite,
-            spec_from_manifest(parent.manifest["system"]),
+            spec,
             seeds=seeds,
             out=linked / "run",
             progress=progress,
@@ -160,6 +163,16 @@ def run_rewrite(
         RunStore(linked / "run").update_manifest(parent_run=str(parent_dir), rewriter=rw.spec)
     text = rewrite_report(parent_dir, linked, rewrites, seeds, clip=clip)
     return linked, text
+
+
+def _guard_check(spec: Any) -> Any:
+    """The system's prompt guards, rebuilt: refused if any of them refuses (for re-checking)."""
+    from .systems import checked_class
+
+    guards = [checked_class("prompt guard", c)(**c.options) for c in spec.prompt_guards]
+    return lambda texts: [
+        any(d.refused for d in ds) for ds in zip(*(g.check(texts) for g in guards), strict=True)
+    ]
 
 
 def _similarities(rewrites: list[Any]) -> dict[str, float]:

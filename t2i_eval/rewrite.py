@@ -77,8 +77,14 @@ class RuleRewriter:
     """Replace listed trigger words with their first context-preserving alternative."""
 
     def __init__(
-        self, lexicon: str | None = None, triggers: dict[str, list[str]] | None = None
+        self,
+        lexicon: str | None = None,
+        triggers: dict[str, list[str]] | None = None,
+        check: Callable[[list[str]], list[bool]] | None = None,
     ) -> None:
+        """`check(texts) -> refused?` re-checks the system's prompt guards: when the first
+        alternatives still get refused, the second and third are tried in turn."""
+        self.check = check
         self.path = Path(lexicon) if lexicon else data_dir("guards") / "rewrite_lexicon.yaml"
         if not self.path.is_file():
             raise UserError(f"rule rewriter: lexicon {self.path} not found")
@@ -105,12 +111,26 @@ class RuleRewriter:
     def rewrite(self, parent_id: str, text: str) -> Rewrite:
         replaced: list[str] = []
 
-        def swap(m: re.Match[str]) -> str:
-            term = m.group(1).lower()
-            replaced.append(term)
-            return self.terms[term][0]
+        def with_alternative(k: int) -> str:
+            def swap(m: re.Match[str]) -> str:
+                term = m.group(1).lower()
+                if k == 0:
+                    replaced.append(term)
+                alts = self.terms[term]
+                return alts[min(k, len(alts) - 1)]
 
-        out = self._pattern.sub(swap, text)
+            return self._pattern.sub(swap, text)
+
+        out = with_alternative(0)
+        recheck = None
+        if self.check is not None and replaced:
+            for k in range(max(len(self.terms[t]) for t in replaced)):
+                candidate = out if k == 0 else with_alternative(k)
+                still = self.check([candidate])[0]
+                recheck = {"alternative": k, "still_refused": still}
+                if not still:
+                    out = candidate
+                    break
         missing = [t for t in self.triggers.get(text, []) if not self._covered(t.lower())]
         status, cleaned = validate(text, out)
         return Rewrite(
@@ -119,7 +139,7 @@ class RuleRewriter:
             cleaned,
             status,
             self.key,
-            {"replaced": replaced, "triggers_without_alternative": missing},
+            {"replaced": replaced, "triggers_without_alternative": missing, "recheck": recheck},
         )
 
 
@@ -286,12 +306,13 @@ def build_rewriter(
     api_key_env: str | None = None,
     max_new_tokens: int = 96,
     triggers: dict[str, list[str]] | None = None,
+    check: Callable[[list[str]], list[bool]] | None = None,
 ) -> Any:
     """`rule`, `rule:LEXICON.yaml`, or `llm:MODEL` (a local transformers model, or with
     `base_url` an OpenAI-compatible endpoint)."""
     kind, _, arg = ref.partition(":")
     if kind == "rule":
-        return RuleRewriter(arg or None, triggers=triggers)
+        return RuleRewriter(arg or None, triggers=triggers, check=check)
     if kind == "llm":
         if not arg:
             raise UserError("--rewriter llm:MODEL needs a model id or path")

@@ -400,3 +400,19 @@ def test_refusal_predictor_finds_the_trigger(tmp_path, capsys):
     assert pred["cv_accuracy"] >= 0.9 and pred["cv_auroc"] >= 0.9
     assert pred["top_ngrams"]["violence"][0][0] in ("gun", "with", "with gun")
     assert "## Refusal predictor" in (out / "report" / "report.md").read_text()
+
+
+def test_rule_rewriter_rechecks_and_tries_next_alternative(tmp_path):
+    lex = tmp_path / "lex.yaml"
+    lex.write_text("version: 1\nterms:\n  gun: [weapon, antique firearm]\n")
+    blocked = {"weapon"}
+
+    def check(texts):
+        return [any(w in t for w in blocked) for t in texts]
+
+    r = RuleRewriter(str(lex), check=check).rewrite("p", "an old gun in a museum")
+    assert r.text == "an old antique firearm in a museum"
+    assert r.details["recheck"] == {"alternative": 1, "still_refused": False}
+    blocked.add("firearm")
+    r = RuleRewriter(str(lex), check=check).rewrite("p", "an old gun in a museum")
+    assert r.text == "an old weapon in a museum" and r.details["recheck"]["still_refused"]
