@@ -55,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = parse_system(args.system)
     ref_spec = parse_system(args.reference) if args.reference else None
     common = dict(
+        compile_unet=args.compile,
         seeds=args.seeds,
         limit=args.limit,
         batch_size=args.batch_size,
@@ -66,6 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ref_result = run(suite, ref_spec, out=args.reference_out, **common)
         print(f"reference run: {ref_result.run_dir}", file=sys.stderr)
     result = run(suite, spec, out=args.out, **common)
+    if result.rank != 0:
+        return 0  # rank 0 judges and reports for the whole multi-process run
     from .judges import load_spec
 
     judges = list(args.judge or [])
@@ -218,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="run directory (default: outputs/<suite>__<system>__<hash>)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the diffusers denoiser (speed only; results unchanged)",
+    )
     p.add_argument(
         "--reference",
         default=None,

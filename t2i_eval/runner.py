@@ -28,7 +28,7 @@ from . import __version__
 from .errors import UserError
 from .store import RunStore
 from .systems import SystemSpec, build_system, validate_spec
-from .systems.base import ItemResult, WorkItem
+from .systems.base import BatchTooLarge, ItemResult, WorkItem
 from .types import Generation, Suite
 
 
@@ -71,6 +71,37 @@ def _git_commit() -> str | None:
         return None
 
 
+@dataclass
+class Ranks:
+    """This process's share of a multi-process run (torchrun / accelerate launch)."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Any = None
+
+    def wait(self) -> None:
+        if self.barrier is not None:
+            self.barrier()
+
+    def owns(self, rid: str) -> bool:
+        """Shares by a stable hash of the record id, so every rank computes the same split
+        whatever the others have already written."""
+        return int(rid, 16) % self.world == self.rank
+
+
+def ranks() -> Ranks:
+    """Ranks from the launcher's environment through accelerate's PartialState (gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(state.local_process_index)  # "cuda" = this rank's own GPU
+    return Ranks(state.process_index, state.num_processes, state.wait_for_everyone)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -84,10 +115,11 @@ class RunResult:
     counts: dict[str, int]
     failed: int = 0
     """Planned items still without a result (infrastructure errors): the run is not complete."""
+    rank: int = 0
+    """The process that returns this result; only rank 0 judges and reports."""
 
 
-def _to_generation(r: ItemResult, store: RunStore, rank: int) -> Generation:
-    image_path = store.save_image(r.item.record_id, r.image) if r.image is not None else None
+def _to_generation(r: ItemResult, image_path: str | None, rank: int) -> Generation:
     return Generation(
         record_id=r.item.record_id,
         prompt_id=r.item.prompt_id,
@@ -150,8 +182,9 @@ def _session(argv: list[str]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _exclusive(store: RunStore) -> Iterator[None]:
-    """One process per run directory: two copies of one command would each redo the other's work."""
+def _exclusive(store: RunStore, rank: int = 0) -> Iterator[None]:
+    """One process per run directory and rank: two copies of one command would each redo the
+    other's work."""
     import fcntl
 
     if store.root.exists() and not store.root.is_dir():
@@ -163,7 +196,7 @@ def _exclusive(store: RunStore) -> Iterator[None]:
             f"--out {store.root}: cannot create the run directory ({e.strerror})"
         ) from None
 
-    path = store.root / ".lock"
+    path = store.root / (".lock" if rank == 0 else f".lock-rank{rank}")
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,8 +227,13 @@ def run(
     argv: list[str] | None = None,
     progress: bool = True,
     judges: tuple[str, ...] = ("blank",),
+    compile_unet: bool = False,
 ) -> RunResult:
-    """Generate every planned (prompt, seed) item not yet finished, then judge."""
+    """Generate every planned (prompt, seed) item not yet finished, then judge.
+
+    Under torchrun / `accelerate launch` each rank generates its share into its own record
+    file; rank 0 then judges and writes the manifest. `compile_unet` asks a diffusers
+    generator to torch.compile its denoiser (a speed option: results and run id unchanged)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1 (got {seeds})")
     if batch_size < 1:
@@ -205,9 +243,18 @@ def run(
     validate_spec(spec)
     store = RunStore(out or default_run_dir(suite, spec))
     argv = list(argv if argv is not None else sys.argv)
-    with _exclusive(store):
-        _open_store(store, suite, spec, argv)
-        return _run_locked(store, suite, spec, seeds, limit, batch_size, progress, judges)
+    share = ranks()
+    with _exclusive(store, share.rank):
+        if share.rank == 0:
+            _open_store(store, suite, spec, argv)
+        share.wait()  # the manifest exists before any other rank reads it
+        if share.rank != 0:
+            m = store.read_manifest()
+            if m["suite"]["digest"] != suite.digest or m["system"]["digest"] != spec.digest:
+                raise UserError(f"{store.root}: rank {share.rank} sees another suite or system")
+        return _run_locked(
+            store, suite, spec, seeds, limit, batch_size, progress, judges, share, compile_unet
+        )
 
 
 def _run_locked(
@@ -219,52 +266,60 @@ def _run_locked(
     batch_size: int,
     progress: bool,
     judges: tuple[str, ...],
+    share: Ranks | None = None,
+    compile_unet: bool = False,
 ) -> RunResult:
-    rank = 0  # one process per run directory (multi-process sharding: see the runner issue)
-
+    share = share or Ranks()
+    rank = share.rank
     items = plan(suite, seeds, limit)
     finished = {
         rid
         for rid, g in store.read_generations().items()
         if g.status != "error" and (g.image_path is None or store.resolve(g.image_path).exists())
     }
-    todo = [it for it in items if it.record_id not in finished]
+    todo = [it for it in items if it.record_id not in finished and share.owns(it.record_id)]
+    backoffs: list[dict[str, Any]] = []
     try:
         if todo:
             system = build_system(spec)
-            store.update_manifest(
-                components=[
-                    {"stage": stage, "name": c.name, "weights": c.weights, "info": c.info()}
-                    for stage, c in system.components()
-                ]
+            if compile_unet and hasattr(system.generator, "compile"):
+                system.generator.compile()
+            if rank == 0:
+                store.update_manifest(
+                    components=[
+                        {"stage": stage, "name": c.name, "weights": c.weights, "info": c.info()}
+                        for stage, c in system.components()
+                    ]
+                )
+            _generate(
+                store,
+                system,
+                todo,
+                batch_size,
+                rank,
+                progress and rank == 0,
+                f"run {spec.name}",
+                backoffs,
             )
-            bar = tqdm(
-                total=len(todo),
-                desc=f"run {spec.name}",
-                unit="img",
-                disable=not progress,
-                dynamic_ncols=True,
-            )
-            with bar:
-                for start in range(0, len(todo), batch_size):
-                    batch = todo[start : start + batch_size]
-                    results = system.run(batch)
-                    store.append_generations(
-                        [_to_generation(r, store, rank) for r in results], rank
-                    )
-                    bar.update(len(batch))
+        share.wait()  # every rank's records are on disk before rank 0 judges and counts
+        if rank != 0:
+            return RunResult(store.root, len(items), 0, len(todo), {}, 0, rank)
         from .judges import judge_run
 
         for ref in judges:
             judge_run(store.root, ref, progress=progress)
     except BaseException as e:
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        store.update_manifest(status="failed", error=reason, updated_at=_now())
+        if rank == 0:
+            reason = (
+                "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            )
+            store.update_manifest(status="failed", error=reason, updated_at=_now())
         raise
     gens = store.read_generations()
     counts = dict(Counter(g.status for g in gens.values()))
     planned_ids = {it.record_id for it in items}
     missing = len(planned_ids - {rid for rid, g in gens.items() if g.status != "error"})
+    manifest = store.read_manifest()
     store.update_manifest(
         status="complete" if not missing else "failed",
         error=None
@@ -275,6 +330,69 @@ def _run_locked(
         seeds=seeds,
         limit=limit,
         batch_size=batch_size,
+        world_size=share.world,
+        batch_backoffs=[*manifest.get("batch_backoffs", []), *backoffs],
         updated_at=_now(),
     )
     return RunResult(store.root, len(items), len(items) - len(todo), len(todo), counts, missing)
+
+
+def _generate(
+    store: RunStore,
+    system: Any,
+    todo: list[WorkItem],
+    batch_size: int,
+    rank: int,
+    progress: bool,
+    desc: str,
+    backoffs: list[dict[str, Any]],
+) -> None:
+    """Run batches; PNG encoding and writes happen on a background thread while the next batch
+    generates, and a batch's records are appended only once its images are on disk. A batch
+    that runs out of device memory is retried at half the size (recorded in `backoffs`)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    pending: tuple[list[ItemResult], list[Future[str] | None]] | None = None
+
+    def flush() -> None:
+        results, futures = pending
+        paths = [f.result() if f is not None else None for f in futures]
+        store.append_generations(
+            [_to_generation(r, p, rank) for r, p in zip(results, paths, strict=True)], rank
+        )
+        bar.update(len(results))
+
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
+        start, size = 0, batch_size
+        while start < len(todo):
+            batch = todo[start : start + size]
+            try:
+                results = system.run(batch)
+            except BatchTooLarge as e:
+                new = max(1, size // 2)
+                backoffs.append(
+                    {"from": size, "to": new, "rank": rank, "error": str(e)[:200], "at": _now()}
+                )
+                _free_device_memory()
+                size = new
+                continue
+            futures = [
+                writer.submit(store.save_image, r.item.record_id, r.image)
+                if r.image is not None
+                else None
+                for r in results
+            ]
+            if pending is not None:
+                flush()
+            pending = (results, futures)
+            start += len(batch)
+        if pending is not None:
+            flush()
+
+
+def _free_device_memory() -> None:
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -46,6 +46,19 @@ class GeneratorResult:
     image: Any = None
 
 
+class BatchTooLarge(Exception):
+    """A batch ran out of device memory; the runner retries it at half the size."""
+
+    def __init__(self, size: int, cause: BaseException) -> None:
+        super().__init__(f"batch of {size} ran out of memory: {cause}")
+        self.size = size
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA or other devices) or an allocator's 'out of memory'."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
 class GuardsOnly:
     """A generator that generates nothing: evaluate text guards on thousands of prompts fast.
 
@@ -113,6 +126,8 @@ class System:
         try:
             results = self._run_batch(items)
         except Exception as e:
+            if is_out_of_memory(e) and len(items) > 1:
+                raise BatchTooLarge(len(items), e) from e  # the runner halves the batch
             if len(items) == 1:  # nothing to isolate: record it
                 return [
                     ItemResult(

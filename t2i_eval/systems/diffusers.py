@@ -120,6 +120,7 @@ class DiffusersGenerator:
         variant: str | None = None,
         revision: str | None = None,
         safe: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         """`negative_prompt`: a literal prompt or a name from guards/negative_prompts.yaml
         (`safety`); `safe`: Safe Latent Diffusion at SafetyConfig weak|medium|strong|max."""
@@ -148,8 +149,32 @@ class DiffusersGenerator:
                 "Give a local folder, or a hub id on a machine with hub access."
             ) from None
         self.pipe.set_progress_bar_config(disable=True)
+        self.channels_last = bool(channels_last)
+        self.compiled = False
+        denoiser = self._denoiser()
+        if self.channels_last and denoiser is not None:
+            import torch
+
+            denoiser.to(memory_format=torch.channels_last)
         if is_random_weights(model):
             self.weights = "random"
+
+    def _denoiser(self) -> Any:
+        return getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+
+    def _attention(self) -> str | None:
+        """The denoiser's attention processor (AttnProcessor2_0 = torch SDPA, diffusers' default
+        on torch >= 2)."""
+        procs = getattr(self._denoiser(), "attn_processors", None) or {}
+        return type(next(iter(procs.values()))).__name__ if procs else None
+
+    def compile(self) -> None:
+        """torch.compile the denoiser (UNet or transformer): slower first batch, faster after."""
+        import torch
+
+        name = "unet" if getattr(self.pipe, "unet", None) is not None else "transformer"
+        setattr(self.pipe, name, torch.compile(getattr(self.pipe, name)))
+        self.compiled = True
 
     def info(self) -> dict[str, Any]:
         return {
@@ -163,6 +188,9 @@ class DiffusersGenerator:
             "width": self.width,
             "negative_prompt": self.negative_prompt,
             "safe_latent_diffusion": self.safe,
+            "channels_last": self.channels_last,
+            "compiled": self.compiled,
+            "attention": self._attention(),
         }
 
     def generate(self, texts: list[str], seeds: list[int]) -> list[GeneratorResult]:

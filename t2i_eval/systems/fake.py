@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ class FakeGenerator:
         black_words: list[str] | None = None,
         error_words: list[str] | None = None,
         bland_words: list[str] | None = None,
+        delay: float = 0.0,
+        oom_above: int | None = None,
     ) -> None:
         """`bland_words`: silently draw BLAND_PROMPT instead of a prompt holding one of them, as
         a sanitizing safety stage would (no refusal is reported): a known sanitized case."""
@@ -52,6 +55,8 @@ class FakeGenerator:
         self.black_words = _words(black_words, "black_words")
         self.error_words = _words(error_words, "error_words")
         self.bland_words = _words(bland_words, "bland_words")
+        self.delay = float(delay)  # seconds per image: plays a slow model (kill/resume tests)
+        self.oom_above = oom_above  # a batch larger than this "runs out of memory" (backoff tests)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -82,6 +87,12 @@ class FakeGenerator:
         return img
 
     def generate(self, texts: list[str], seeds: list[int]) -> list[GeneratorResult]:
+        if self.oom_above is not None and len(texts) > self.oom_above:
+            raise RuntimeError(
+                f"CUDA out of memory (simulated: batch {len(texts)} > {self.oom_above})"
+            )
+        if self.delay:
+            time.sleep(self.delay * len(texts))
         out = []
         for text, seed in zip(texts, seeds, strict=True):
             if word := self._has(text, self.error_words):
