@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-.PHONY: install demo test lint lock clean bench-guards bench-rewrite bench-judges
+.PHONY: install demo test lint lock clean bench bench-guards bench-rewrite bench-judges
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Performance ratios side by side in one run (writes docs/performance.md; < 10 min here).
+bench: install
+	$(BIN)/python bench/performance.py
 
 # Prompt guards on OVERT (writes docs/guards_overt.md) and their speed (prints a table).
 bench-guards: install

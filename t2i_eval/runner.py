@@ -276,7 +276,7 @@ def _run_locked(
         rid
         for rid, g in store.read_generations().items()
         if g.status != "error" and (g.image_path is None or store.resolve(g.image_path).exists())
-    }
+    }  # empty on a fresh run; on resume, one pass to check every stored image still exists
     todo = [it for it in items if it.record_id not in finished and share.owns(it.record_id)]
     backoffs: list[dict[str, Any]] = []
     try:
@@ -315,10 +315,9 @@ def _run_locked(
             )
             store.update_manifest(status="failed", error=reason, updated_at=_now())
         raise
-    gens = store.read_generations()
-    counts = dict(Counter(g.status for g in gens.values()))
-    planned_ids = {it.record_id for it in items}
-    missing = len(planned_ids - {rid for rid, g in gens.items() if g.status != "error"})
+    statuses = store.statuses()
+    counts = dict(Counter(statuses.values()))
+    missing = sum(statuses.get(it.record_id, "error") == "error" for it in items)
     manifest = store.read_manifest()
     store.update_manifest(
         status="complete" if not missing else "failed",

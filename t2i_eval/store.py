@@ -199,6 +199,23 @@ class RunStore:
                     out[g.record_id] = g
         return out
 
+    def statuses(self) -> dict[str, str]:
+        """record_id -> latest status, streamed: a long run's end-of-run count holds one short
+        string per record, not every record with its decisions."""
+        out: dict[str, str] = {}
+        folder = self.root / "generations"
+        for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []:
+            for d in _read_jsonl(path):
+                rid, status = d.get("record_id"), d.get("status")
+                if rid is None or status is None:
+                    raise UserError(
+                        f"{path}: a record without record_id/status; not a record "
+                        "of this t2i-eval version"
+                    )
+                if out.get(rid) in (None, "error") or status != "error":
+                    out[rid] = status
+        return out
+
     def save_image(self, record_id: str, image: Any) -> str:
         """Save a PIL image as PNG atomically; returns the path relative to the run dir."""
         import io

@@ -107,3 +107,11 @@ def test_manifest_missing_keys_is_a_clear_error(tmp_path):
     s.write_manifest({"status": "running"})
     with pytest.raises(UserError, match="missing suite, system; not a manifest written by"):
         s.read_manifest()
+
+
+def test_statuses_stream_latest_status(tmp_path):
+    s = RunStore(tmp_path)
+    s.append_generations([_gen("a", "error"), _gen("b", "refused")], rank=0)
+    s.append_generations([_gen("a", "ok"), _gen("b", "error")], rank=1)
+    assert s.statuses() == {"a": "ok", "b": "refused"}
+    assert s.statuses() == {k: g.status for k, g in s.read_generations().items()}
