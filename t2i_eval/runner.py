@@ -277,7 +277,8 @@ def _run_locked(
         for rid, g in store.read_generations().items()
         if g.status != "error" and (g.image_path is None or store.resolve(g.image_path).exists())
     }  # empty on a fresh run; on resume, one pass to check every stored image still exists
-    todo = [it for it in items if it.record_id not in finished and share.owns(it.record_id)]
+    pending = [it for it in items if it.record_id not in finished]  # all ranks' work
+    todo = [it for it in pending if share.owns(it.record_id)]  # this rank's share
     backoffs: list[dict[str, Any]] = []
     try:
         if todo:
@@ -333,7 +334,9 @@ def _run_locked(
         batch_backoffs=[*manifest.get("batch_backoffs", []), *backoffs],
         updated_at=_now(),
     )
-    return RunResult(store.root, len(items), len(items) - len(todo), len(todo), counts, missing)
+    return RunResult(
+        store.root, len(items), len(items) - len(pending), len(pending), counts, missing
+    )
 
 
 def _generate(

@@ -1,5 +1,6 @@
 """Batch backoff on out-of-memory, and multi-process runs (2 CPU ranks through torchrun)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -93,6 +94,29 @@ def _torchrun(args, env, **kw):
     )
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun's workers need not share its process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    for p in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def _records(run_dir: Path) -> dict:
     out = {}
     for f in sorted((run_dir / "generations").glob("rank-*.jsonl")):
@@ -125,13 +149,15 @@ def test_two_ranks_equal_one_process_and_resume_after_a_kill(tmp_path):
         if len(files) == 2 and all(len(f.read_text().splitlines()) >= 4 for f in files):
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)  # SIGKILL the launcher and both ranks, mid-run
     proc.wait()
+    time.sleep(0.5)
     partial = _records(double)
     assert 0 < len(partial) < 60
     done = _torchrun([*args, "--out", str(double)], env)
     out, _ = done.communicate(timeout=300)
     assert done.returncode == 0, out.decode()[-2000:]
+    assert f"({60 - len(partial)} generated, {len(partial)} already done)" in out.decode()
     a, b = _records(single), _records(double)
     assert all(len(v) == 1 for v in b.values())  # no duplicates across both rank files
     assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}  # item for item
