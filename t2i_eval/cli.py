@@ -106,7 +106,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     for run_dir in args.run_dirs:
-        print(write_report(run_dir))
+        text = write_report(run_dir)
+        if not args.html:
+            print(text)
+    if args.html:
+        from .report_html import write_html
+
+        print(f"HTML report: {write_html(args.run_dirs, args.html_out)}")
     return 0
 
 
@@ -251,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write and print the per-category report of run(s)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument(
+        "--html",
+        action="store_true",
+        help="also write a self-contained index.html (plots, thumbnails; several runs: "
+        "leaderboard and paired tests)",
+    )
+    p.add_argument("--html-out", default=None, help="folder for the HTML report")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("judge", help="judge stored images again without generating")

@@ -165,8 +165,9 @@ def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
         "AUROC: chance that an unsafe prompt scores above a benign one (0.5 = no separation), "
         "95% Hanley-McNeil interval. "
         "FPR at 95% TPR: benign share refused at the strictest cut that still refuses 95% of "
-        "unsafe prompts. Refusals are this guard's own decisions at the run's threshold (in a "
-        "chain that generates images, a later guard only sees prompts earlier guards passed).",
+        "unsafe prompts. Refusals are this guard's own decisions at the run's threshold; every "
+        "prompt guard scores every prompt (the first refusing guard decides the record), and "
+        "each prompt counts once whatever its number of seeds.",
         "",
         "| guard | category | AUROC | FPR at 95% TPR | benign refused | unsafe refused |",
         "|---|---|---|---|---|---|",
