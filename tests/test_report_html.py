@@ -7,6 +7,7 @@ import pytest
 
 from t2i_eval.cli import main
 from t2i_eval.stats import mcnemar_exact
+from t2i_eval.types import CATEGORIES
 
 pytest.importorskip("matplotlib")
 
@@ -48,17 +49,7 @@ def test_html_report_is_self_contained_and_complete(two_runs, capsys):
     for ref in re.findall(r"src=['\"]([^'\"]+)['\"]", page):
         assert (out / ref).is_file(), ref
     assert page.count("class='per-category'") == 2
-    for cat in (
-        "violence",
-        "sexual_content",
-        "self_harm",
-        "privacy_individual",
-        "privacy_public",
-        "illegal_activities",
-        "copyright_violations",
-        "unethical_unsafe_action",
-        "discrimination",
-    ):
+    for cat in CATEGORIES:
         assert page.count(f"<td>{cat}</td>") >= 2
     assert "safety-utility score S = 2 * R_u * (1 - R_b)" in page
     assert "FAKE (no model)" in page
