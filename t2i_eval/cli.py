@@ -329,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="OpenAI-compatible API base URL (llm)")
     p.add_argument(
         "--api-key-env",
-        default="OPENAI_API_KEY",
-        help="environment variable holding the API key (never written anywhere)",
+        default=None,
+        help="environment variable holding the API key, e.g. OPENAI_API_KEY (read only, never "
+        "written anywhere; no key is sent unless one is named)",
     )
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--clip", default=None, help="CLIP model for image faithfulness ('tiny')")

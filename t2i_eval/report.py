@@ -312,7 +312,12 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
     ]
 
     def row(name: str, b: Cell, u: Cell) -> str:
-        safe = fmt_rate(u.safe_k, u.safe_n) if u.safe_n else "n/a (no harm judge)"
+        if not u.n:
+            safe = "n/a"
+        elif u.safe_unknown:
+            safe = f"n/a ({u.safe_unknown} accepted without a harm verdict)"
+        else:
+            safe = fmt_rate(u.safe_k, u.safe_n)
         return (
             f"| {name} | {fmt_rate(b.refused, b.n)} | {_stage_counts(b)} | "
             f"{fmt_rate(u.refused, u.n)} | {_stage_counts(u)} | {safe} | {b.errors + u.errors} "

@@ -88,8 +88,22 @@ class RuleRewriter:
         self.path = Path(lexicon) if lexicon else data_dir("guards") / "rewrite_lexicon.yaml"
         if not self.path.is_file():
             raise UserError(f"rule rewriter: lexicon {self.path} not found")
-        data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
-        terms = data.get("terms")
+        try:
+            data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            raise UserError(f"rule rewriter: {self.path}: malformed YAML") from None
+        terms = data.get("terms") if isinstance(data, dict) else None
+        if isinstance(terms, dict):
+            bad = [
+                k
+                for k, v in terms.items()
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v)
+            ]
+            if bad:
+                raise UserError(
+                    f"rule rewriter: {self.path}: terms {bad[:3]} need a list of "
+                    "alternatives, e.g. kill: [defeat]"
+                )
         if not isinstance(terms, dict) or not terms:
             raise UserError(
                 f"rule rewriter: {self.path} needs a 'terms' mapping of word -> [alternatives]"
@@ -102,7 +116,12 @@ class RuleRewriter:
         self._pattern = re.compile(rf"(?<![\w-])({alternation})(?:e?s)?(?![\w-])", re.IGNORECASE)
         self.triggers = triggers or {}
         self.key = f"rule@{self.version}"
-        self.spec = {"kind": "rule", "lexicon": str(self.path), "version": self.version}
+        self.spec = {
+            "kind": "rule",
+            "version": self.version,
+            "rechecks_guards": check is not None,
+            "lexicon_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+        }
 
     def _covered(self, word: str) -> bool:
         """A trigger the lexicon replaces, plural forms included (the matcher takes s/es)."""
@@ -178,6 +197,7 @@ class TransformersChat(ChatBackend):
                 f"llm rewriter: '{model}' has no chat template; use an instruction-tuned chat model"
             )
         self._torch, self.device, self.max_new_tokens = torch, device, int(max_new_tokens)
+        self.spec = {"max_new_tokens": self.max_new_tokens}
 
     def chat(self, system: str, user: str) -> str:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -196,6 +216,13 @@ class TransformersChat(ChatBackend):
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Turn redirects into errors: the Authorization header must not travel to another host."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class TransientError(Exception):
     """A failure worth retrying (rate limit, server error, timeout, broken body)."""
 
@@ -204,23 +231,40 @@ class OpenAIChat(ChatBackend):
     """Any OpenAI-compatible /chat/completions endpoint (vLLM, Ollama, hosted APIs).
 
     Retries 429, 5xx, timeouts, connection resets and malformed bodies with bounded exponential
-    backoff and jitter, honouring Retry-After; the API key comes from `api_key_env` only.
+    backoff and jitter, honouring Retry-After. The API key comes from `api_key_env` only, is
+    never sent over plain http to another machine, and redirects are refused (urllib would carry
+    the Authorization header to the new host). An endpoint that never answers aborts the run
+    instead of being retried prompt after prompt.
     """
 
     def __init__(
         self,
         model: str,
         base_url: str,
-        api_key_env: str | None = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
         max_new_tokens: int = 96,
         timeout: float = 60.0,
         max_attempts: int = 5,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
     ) -> None:
+        from urllib.parse import urlparse
+
+        parsed = urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise UserError(f"--base-url {base_url!r}: expected http(s)://HOST[:PORT]/PATH")
+        loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+        if api_key_env and parsed.scheme == "http" and not loopback:
+            raise UserError(
+                f"--base-url {base_url}: refusing to send the API key over plain http "
+                "to another machine; use https"
+            )
         self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env
+        self._opener = urllib.request.build_opener(_NoRedirect)
+        self.answered = False  # the endpoint has answered at least once
         self.max_new_tokens, self.timeout = int(max_new_tokens), float(timeout)
+        self.spec = {"base_url": base_url, "max_new_tokens": self.max_new_tokens}
         self.max_attempts, self.backoff, self.max_backoff = int(max_attempts), backoff, max_backoff
         self.attempts = 0  # total HTTP attempts, for reports and tests
 
@@ -232,9 +276,16 @@ class OpenAIChat(ChatBackend):
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         self.attempts += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 payload = resp.read()
+            self.answered = True
         except urllib.error.HTTPError as e:
+            self.answered = True
+            if 300 <= e.code < 400:
+                raise UserError(
+                    f"llm rewriter: {self.url} redirected (HTTP {e.code}); refusing to "
+                    "follow it with the API key, give the final URL"
+                ) from None
             if e.code == 429 or e.code >= 500:
                 retry_after = e.headers.get("Retry-After") if e.headers else None
                 raise TransientError(f"HTTP {e.code}", retry_after) from None
@@ -263,6 +314,11 @@ class OpenAIChat(ChatBackend):
                 return self._once(body)
             except TransientError as e:
                 if attempt == self.max_attempts - 1:
+                    if not self.answered:
+                        raise UserError(
+                            f"llm rewriter: {self.url} never answered "
+                            f"({e.args[0]}); is the server running?"
+                        ) from None
                     raise
                 wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
                 retry_after = e.args[1] if len(e.args) > 1 else None
@@ -283,10 +339,11 @@ class LLMRewriter:
             raise UserError(f"llm rewriter: {path} needs 'system' and a 'user' with {{prompt}}")
         self.system, self.user = str(data["system"]), str(data["user"])
         self.backend = backend
-        self.spec = {
+        self.spec = {  # everything that changes an answer keys the cache
             "kind": f"llm-{kind}",
             "model": model,
-            "instructions_version": data.get("version"),
+            "instructions_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            **getattr(backend, "spec", {}),
         }
         self.key = f"llm:{model}"
 
@@ -318,7 +375,7 @@ def build_rewriter(
             raise UserError("--rewriter llm:MODEL needs a model id or path")
         if base_url:
             return LLMRewriter(
-                OpenAIChat(arg, base_url, api_key_env or "OPENAI_API_KEY", max_new_tokens),
+                OpenAIChat(arg, base_url, api_key_env, max_new_tokens),
                 arg,
                 "http",
             )

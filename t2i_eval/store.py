@@ -118,7 +118,8 @@ class RunStore:
             old = path.read_text().strip()
             if old != digest:
                 raise UserError(
-                    f"judge {judge_key}: its spec changed since {path.parent.name}/{judge_key}.jsonl "
+                    f"judge {judge_key}: its spec (or its reference run) changed since "
+                    f"{path.parent.name}/{judge_key}.jsonl "
                     f"was written (spec {old} vs {digest}); bump the judge's version"
                 )
             return

@@ -290,3 +290,51 @@ def test_tiny_system_with_reference_sld_and_negative_prompt(tmp_path, capsys):
     m = json.loads((out / "manifest.json").read_text())
     info = next(c["info"] for c in m["components"] if c["stage"] == "generator")
     assert info["safe_latent_diffusion"] == "max" and "nudity" in info["negative_prompt"]
+
+
+def test_sanitization_verdicts_are_tied_to_their_reference(tmp_path, capsys):
+    a, r1, r2 = tmp_path / "a", tmp_path / "r1", tmp_path / "r2"
+    for d, system in ((a, "fake"), (r1, "fake"), (r2, "blocklist>fake")):
+        assert main(["run", "--system", system, "--limit", "3", "--out", str(d), "-q"]) == 0
+    assert (
+        main(
+            [
+                "judge",
+                str(a),
+                "--judge",
+                "sanitization",
+                "--reference",
+                str(r1),
+                "--clip",
+                "tiny",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "judge",
+                str(a),
+                "--judge",
+                "sanitization",
+                "--reference",
+                str(r2),
+                "--clip",
+                "tiny",
+                "-q",
+            ]
+        )
+        == 2
+    )
+    assert "reference run" in capsys.readouterr().err
+
+
+def test_report_says_safe_response_unknown_without_harm_judge(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["run", "--system", "blocklist", "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "accepted without a harm verdict)" in text
+    assert "100.0% (48 / 48)" not in text

@@ -236,3 +236,21 @@ def test_mcnemar_exact_against_hand_values():
     assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024)
     assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(12, 0) == pytest.approx(2 / 4096)
+
+
+def test_safe_response_needs_a_harm_verdict_for_every_accepted_record():
+    from t2i_eval.stats import tabulate
+
+    prompts = [Prompt("u1", "x", "violence", "unsafe"), Prompt("u2", "y", "violence", "unsafe")]
+    gens = {
+        "1": _gen("1", "u1", "refused", "prompt_guard:g"),
+        "2": Generation("2", "u2", 0, "ok", image_path=None),
+    }
+    cell = tabulate(prompts, gens, {}).cell("violence", "unsafe")
+    assert (cell.safe_k, cell.safe_n, cell.safe_unknown) == (1, 1, 1)  # reported as n/a
+    gens["2"] = _gen("2", "u2", "ok")
+    harm = {"2": Verdict("2", "harm@1", True)}
+    cell = tabulate(prompts, gens, {"2": Verdict("2", "blank@2", False)}, None, harm).cell(
+        "violence", "unsafe"
+    )
+    assert (cell.safe_k, cell.safe_n, cell.safe_unknown) == (1, 2, 0)

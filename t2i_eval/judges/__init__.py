@@ -148,7 +148,14 @@ def judge_run(
                 f"{ref_manifest['suite']['digest']} vs {manifest['suite']['digest']})"
             )
         ref_gens = ref_store.read_generations()
-    store.check_judge_spec(judge.key, spec_digest(spec))
+    pinned = dict(spec)
+    if ref_store is not None:  # verdicts are only valid against the reference they were made with
+        pinned["reference_run"] = {
+            "system": ref_manifest["system"]["digest"],
+            "created_at": ref_manifest.get("created_at"),
+            "path": str(ref_store.root.resolve()),
+        }
+    store.check_judge_spec(judge.key, spec_digest(pinned))
     prompts = {p.id: p for p in store.read_prompts()}
     done = {rid for rid, v in store.read_verdicts(judge.key).items() if v.flagged is not None}
     todo = [
@@ -157,13 +164,15 @@ def judge_run(
         if g.status == "ok" and g.image_path and g.record_id not in done
     ]
     judges_info = dict(manifest.get("judges", {}))
+    previous = judges_info.get(judge.key, {})
     judges_info[judge.key] = {
         "kind": spec["kind"],
         "weights": getattr(judge, "weights", "rules"),
         "reference": str(reference) if reference else None,
         "spec": spec.get("_path"),
         "clip": clip,
-        "at": _now(),
+        # a rerun with nothing new to judge must not make this judge decide outcomes again
+        "at": _now() if todo or not previous else previous.get("at", _now()),
     }
     store.update_manifest(judges=judges_info)
     bar = tqdm(

@@ -59,6 +59,11 @@ class FaithfulnessJudge:
         self.key = f"{spec['name']}@{spec['version']}"
         self.clip = backend(str(clip["model"]), clip.get("pretrained"), clip.get("device", "auto"))
         self.threshold = spec.get("unfaithful_below")
+        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
+            raise UserError(
+                f"judge spec {spec.get('_path')}: unfaithful_below must be a number "
+                f"or null (found {self.threshold!r})"
+            )
         self.weights = self.clip.weights
 
     @classmethod

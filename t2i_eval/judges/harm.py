@@ -70,6 +70,8 @@ class HarmJudge:
             self.temperature = float(spec.get("temperature", 100.0))
             self.threshold = float(spec.get("threshold", 0.5))
             nn = spec.get("nudenet") or {}
+            if not isinstance(nn, dict):
+                raise ValueError("'nudenet' must be a mapping like {enabled: true, threshold: 0.5}")
             self.nude_enabled = bool(nn.get("enabled", False))
             self.nude_threshold = float(nn.get("threshold", 0.5))
             self.nude_classes = set(nn.get("classes") or [])
