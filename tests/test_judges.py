@@ -104,7 +104,7 @@ def test_changed_spec_under_same_version_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["judge", str(out), "--judge", str(p), "-q"]) == 2
     err = capsys.readouterr().err
-    assert "spec changed" in err and "bump the judge's version" in err
+    assert "its spec (or its reference run) changed" in err and "bump the judge's version" in err
     p.write_text("name: blank\nversion: 3\nkind: blank\nuniform_max_std: 200\n")
     assert main(["judge", str(out), "--judge", str(p), "-q"]) == 0
     assert "blank@3: 3 new verdict(s)" in capsys.readouterr().out
