@@ -133,11 +133,6 @@ def load_run(run_dir: str | Path) -> RunData:
     )
 
 
-def build(run_dir: str | Path) -> tuple[Table, dict[str, Any]]:
-    data = load_run(run_dir)
-    return data.table(), data.manifest
-
-
 def _num3(x: float | None, ci: list[float | None] | None = None) -> str:
     if x is None:
         return "n/a"
@@ -432,7 +427,3 @@ def write_report(run_dir: str | Path) -> str:
     writer.writerows(rows)
     atomic_write_bytes(out / "per_category.csv", buf.getvalue().encode("utf-8"))
     return text
-
-
-def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((RunStore(run_dir).report_dir / "summary.json").read_text())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,7 +191,3 @@ def format_result(res: SweepResult, target: float) -> str:
             else:
                 lines.append(f"    {cat:<26} target not reachable")
     return "\n".join(lines)
-
-
-def load_proposals(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "sweep" / "proposed_thresholds.json").read_text())

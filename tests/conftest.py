@@ -32,12 +32,6 @@ def overt_dir() -> Path:
     return SHARED_OVERT
 
 
-def torch_one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail any test that opens a connection beyond this machine (loopback and Unix sockets ok)."""

@@ -7,6 +7,7 @@ score > threshold) and whose `raw` holds what a later threshold sweep needs.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,10 @@ def resolve_sentence_model(model: str) -> tuple[str, str]:
     return model, "pretrained"
 
 
+@lru_cache(maxsize=4)
 def load_sentence_model(model: str, device: str = "cpu") -> Any:
+    """One loaded encoder per (model, device) per process: the concept guard, the rewrite
+    re-check and the meaning-kept similarity share it (encoding is stateless)."""
     try:
         import transformers
         from sentence_transformers import SentenceTransformer

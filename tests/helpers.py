@@ -1,0 +1,36 @@
+"""Scaffolding several test files share: a suite file and a word-list guards-only run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from t2i_eval.cli import main
+
+
+def write_suite(path: Path, rows: list[tuple], category: str = "violence") -> Path:
+    """(text, label) or (text, label, pair_id) rows -> a JSONL suite file."""
+    lines = []
+    for text, label, *pair in rows:
+        row = {"prompt": text, "category": category, "label": label}
+        if pair:
+            row["pair_id"] = pair[0]
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines))
+    return path
+
+
+def guarded_run(tmp_path: Path, rows: list[tuple], words: list[str], *args: str) -> Path:
+    """Run `rows` through a guards-only system whose one stage is a blocklist of `words`
+    (kept in tmp_path/words.yaml, so a test can edit it later); returns the run directory."""
+    word_list = tmp_path / "words.yaml"
+    word_list.write_text(f"version: 1\ncategories:\n  violence: [{', '.join(words)}]\n")
+    system = tmp_path / "sys.yaml"
+    system.write_text(
+        f"prompt_guards: [{{name: blocklist, path: '{word_list}'}}]\ngenerator: guards-only\n"
+    )
+    suite = write_suite(tmp_path / "s.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["run", "--suite", str(suite), "--system", str(system), "--out", str(out), "-q", *args]
+    assert main(argv) == 0
+    return out
