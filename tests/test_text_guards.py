@@ -316,3 +316,14 @@ def test_triggers_skip_refusals_the_guard_no_longer_reproduces(tmp_path, capsys)
     capsys.readouterr()
     assert main(["triggers", str(out), "-q"]) == 2
     assert "now but the run used version 1" in capsys.readouterr().err
+
+
+def test_one_encoder_is_shared_however_it_is_asked_for():
+    pytest.importorskip("sentence_transformers")
+    from t2i_eval.systems.text_guards import ConceptGuard, load_sentence_model
+
+    assert (
+        ConceptGuard().encoder
+        is load_sentence_model("minilm")
+        is load_sentence_model("minilm", "cpu")
+    )

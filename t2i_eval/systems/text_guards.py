@@ -70,10 +70,14 @@ def resolve_sentence_model(model: str) -> tuple[str, str]:
     return model, "pretrained"
 
 
-@lru_cache(maxsize=4)
 def load_sentence_model(model: str, device: str = "cpu") -> Any:
     """One loaded encoder per (model, device) per process: the concept guard, the rewrite
     re-check and the meaning-kept similarity share it (encoding is stateless)."""
+    return _load_sentence_model(model, device)  # normalized args: one cache key per model
+
+
+@lru_cache(maxsize=4)
+def _load_sentence_model(model: str, device: str) -> Any:
     try:
         import transformers
         from sentence_transformers import SentenceTransformer
