@@ -13,15 +13,11 @@ rewrites are recorded with that status and never used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import random
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .net import HttpClient, Response, TransientError, check_url
 from .paths import data_dir
 
 STATUSES = ("ok", "empty", "overlong", "refusal", "unchanged", "error")
@@ -216,25 +213,13 @@ class TransformersChat(ChatBackend):
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Turn redirects into errors: the Authorization header must not travel to another host."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-class TransientError(Exception):
-    """A failure worth retrying (rate limit, server error, timeout, broken body)."""
-
-
 class OpenAIChat(ChatBackend):
     """Any OpenAI-compatible /chat/completions endpoint (vLLM, Ollama, hosted APIs).
 
-    Retries 429, 5xx, timeouts, connection resets and malformed bodies with bounded exponential
-    backoff and jitter, honouring Retry-After. The API key comes from `api_key_env` only, is
-    never sent over plain http to another machine, and redirects are refused (urllib would carry
-    the Authorization header to the new host). An endpoint that never answers aborts the run
-    instead of being retried prompt after prompt.
+    Transport (retries with backoff and Retry-After, no redirects, no key over plain http to
+    another machine) is `net.HttpClient`'s. The API key comes from `api_key_env` only and is
+    read per request. An endpoint that never answers aborts the run instead of being retried
+    prompt after prompt.
     """
 
     def __init__(
@@ -248,54 +233,36 @@ class OpenAIChat(ChatBackend):
         backoff: float = 1.0,
         max_backoff: float = 30.0,
     ) -> None:
-        from urllib.parse import urlparse
-
-        parsed = urlparse(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise UserError(f"--base-url {base_url!r}: expected http(s)://HOST[:PORT]/PATH")
-        loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
-        if api_key_env and parsed.scheme == "http" and not loopback:
-            raise UserError(
-                f"--base-url {base_url}: refusing to send the API key over plain http "
-                "to another machine; use https"
-            )
+        check_url(base_url, "--base-url", secret=bool(api_key_env))
         self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env
-        self._opener = urllib.request.build_opener(_NoRedirect)
-        self.answered = False  # the endpoint has answered at least once
-        self.max_new_tokens, self.timeout = int(max_new_tokens), float(timeout)
+        self.max_new_tokens = int(max_new_tokens)
         self.spec = {"base_url": base_url, "max_new_tokens": self.max_new_tokens}
-        self.max_attempts, self.backoff, self.max_backoff = int(max_attempts), backoff, max_backoff
-        self.attempts = 0  # total HTTP attempts, for reports and tests
+        self.client = HttpClient(
+            "llm rewriter",
+            timeout=timeout,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            sleep=time.sleep,
+        )
 
-    def _once(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json"}
+    @property
+    def attempts(self) -> int:
+        """Total HTTP attempts, for reports and tests."""
+        return self.client.attempts
+
+    def _auth(self) -> dict[str, str]:
         key = os.environ.get(self.api_key_env or "", "")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        self.attempts += 1
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _parse(self, resp: Response) -> str:
+        if resp.status >= 400:
+            raise UserError(f"llm rewriter: {self.url} answered HTTP {resp.status}")
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                payload = resp.read()
-            self.answered = True
-        except urllib.error.HTTPError as e:
-            self.answered = True
-            if 300 <= e.code < 400:
-                raise UserError(
-                    f"llm rewriter: {self.url} redirected (HTTP {e.code}); refusing to "
-                    "follow it with the API key, give the final URL"
-                ) from None
-            if e.code == 429 or e.code >= 500:
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                raise TransientError(f"HTTP {e.code}", retry_after) from None
-            raise UserError(f"llm rewriter: {self.url} answered HTTP {e.code}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise TransientError(f"{type(e).__name__}: {e}", None) from None
-        try:
-            return str(json.loads(payload)["choices"][0]["message"]["content"] or "")
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise TransientError("malformed response body", None) from None
+            return str(resp.json()["choices"][0]["message"]["content"] or "")
+        except (KeyError, IndexError, TypeError):
+            raise TransientError("malformed response body") from None
 
     def chat(self, system: str, user: str) -> str:
         body = json.dumps(
@@ -309,24 +276,21 @@ class OpenAIChat(ChatBackend):
                 ],
             }
         ).encode()
-        for attempt in range(self.max_attempts):
-            try:
-                return self._once(body)
-            except TransientError as e:
-                if attempt == self.max_attempts - 1:
-                    if not self.answered:
-                        raise UserError(
-                            f"llm rewriter: {self.url} never answered "
-                            f"({e.args[0]}); is the server running?"
-                        ) from None
-                    raise
-                wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
-                retry_after = e.args[1] if len(e.args) > 1 else None
-                if retry_after:
-                    with contextlib.suppress(ValueError):
-                        wait = max(wait, min(self.max_backoff, float(retry_after)))
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        try:
+            return self.client.request(
+                "POST",
+                self.url,
+                self._parse,
+                body=body,
+                headers={"Content-Type": "application/json"},
+                auth=self._auth,
+            )
+        except TransientError as e:
+            if not self.client.answered:
+                raise UserError(
+                    f"llm rewriter: {self.url} never answered ({e.message}); is the server running?"
+                ) from None
+            raise
 
 
 class LLMRewriter:

@@ -20,6 +20,10 @@ GENERATORS: dict[str, str] = {
     "guards-only": "t2i_eval.systems.base:GuardsOnly",
     "diffusers": "t2i_eval.systems.diffusers:DiffusersGenerator",
     "tiny": "t2i_eval.systems.tiny:TinyGenerator",
+    "openai-images": "t2i_eval.systems.api:OpenAIImages",
+    "imagen": "t2i_eval.systems.api:Imagen",
+    "fal": "t2i_eval.systems.api:FalFlux",
+    "http": "t2i_eval.systems.api:HttpImageAPI",
 }
 IMAGE_GUARDS: dict[str, str] = {
     "safety_checker": "t2i_eval.systems.safety_checker:SafetyCheckerGuard",

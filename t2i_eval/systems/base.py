@@ -187,7 +187,10 @@ class System:
                 results[i].decisions.append(out.decision)
                 if out.decision.refused is None:
                     results[i].status = "error"
-                    results[i].error = f"generator:{out.decision.name} could not check"
+                    results[i].error = (
+                        f"generator:{out.decision.name} could not check: "
+                        f"{out.decision.message or 'no reason given'}"
+                    )
                 elif out.decision.refused:
                     results[i].status = "refused"
                     results[i].refused_by = f"generator:{out.decision.name}"

@@ -1,0 +1,434 @@
+"""A local stand-in for the image APIs (127.0.0.1 only) that plays scripted answers.
+
+Routes, shaped like the real APIs (see t2i_eval/systems/api.py for the sources):
+    POST /v1/images/generations          OpenAI Images
+    POST /v1beta/models/MODEL:predict    Imagen through the Gemini API
+    POST /fal-ai/flux-pro/v1.1           fal FLUX1.1 [pro] (synchronous endpoint)
+    POST /generic                        a made-up JSON API for the `http` adapter
+    GET  /files/NAME.png                 image downloads (answers that carry a URL)
+
+The prompt carries its script: a prompt ending in `[r429,ok]` gets a 429 on its first request
+and `ok` on every later one (the last kind repeats). Every request is recorded in `seen`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import re
+import socket
+import struct
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+OPENAI_REFUSAL = (
+    "Your request was rejected as a result of our safety system. Your prompt may contain text "
+    "that is not allowed by our safety system."
+)
+OPENAI_MODERATION = "Your request was rejected by the safety system. safety_violations=[violence]."
+IMAGEN_RAI = (
+    "Unable to show generated images. All images were filtered out because they violated "
+    "Vertex AI's usage guidelines. Support codes: 56562880"
+)
+IMAGEN_BLOCKED = (
+    "Image generation failed with the following error: The prompt could not be submitted. "
+    "This prompt contains sensitive words that violate Google's Responsible AI practices."
+)
+FAL_REFUSAL = (
+    "The content could not be processed because it contained material flagged by a content checker."
+)
+GENERIC_REFUSAL = "Request blocked by our content policy"
+GENERIC_451 = "Unavailable for legal reasons"
+
+#: Kinds the client must retry (transient) and what every other kind must become.
+TRANSIENT = {
+    "r429",
+    "r500",
+    "r503",
+    "echo500",
+    "timeout",
+    "malformed",
+    "shape",
+    "reset",
+    "badimage",
+}
+OUTCOMES = {
+    "ok": "ok",
+    "url": "ok",
+    "moved": "ok",
+    "hold": "ok",
+    "refuse": "refused",
+    "refuse2": "refused",
+    "placeholder": "refused",
+    "flat": "refused",
+    "missing": "refused",
+    "r401": "error",
+    "r400": "error",
+    "redirect": "error",
+    "echo": "error",
+}
+
+
+def expected(provider: str, script: list[str], max_attempts: int) -> tuple[str, int]:
+    """(ok|refused|error, requests the client should make) for a script.
+
+    The generic adapter cannot tell a wrong-shaped body or a missing image from a refusal, so
+    both are errors there (not retried), unless its spec says otherwise.
+    """
+    transient = TRANSIENT - {"shape"} if provider == "http" else TRANSIENT
+    for attempt in range(max_attempts):
+        kind = script[min(attempt, len(script) - 1)]
+        if kind in transient:
+            continue
+        if provider == "http" and kind in ("missing", "shape"):
+            return "error", attempt + 1
+        return OUTCOMES[kind], attempt + 1
+    return "error", max_attempts
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def picture(seed_text: str) -> bytes:
+    """A noisy 32x32 picture: no placeholder check may flag it."""
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:4], "little")
+    return png(np.random.default_rng(seed).integers(0, 256, (32, 32, 3)))
+
+
+BLACK = png(np.zeros((32, 32, 3)))
+FLAT = png(np.full((32, 32, 3), 128))
+
+
+@dataclass
+class Seen:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    provider: str
+    prompt: str | None
+    kind: str
+
+
+@dataclass
+class FakeImageAPI:
+    """The server: `with FakeImageAPI() as api: ... api.url ...`."""
+
+    retry_after: str = "0"
+    """Retry-After header sent with every 429."""
+    hold: float = 10.0
+    """How long a `timeout` answer keeps the client waiting (the client gives up first)."""
+    hold_target: int = 0
+    hold_timeout: float = 0.3
+    """`hold` answers wait until `hold_target` requests are in flight or `hold_timeout` passes."""
+    seen: list[Seen] = field(default_factory=list)
+    attempts: Counter = field(default_factory=Counter)
+    max_inflight: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._inflight = 0
+        handler = type("Handler", (_Handler,), {"api": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> FakeImageAPI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def requests_for(self, prompt: str) -> list[Seen]:
+        return [s for s in self.seen if s.prompt == prompt]
+
+    def _next_kind(self, prompt: str) -> str:
+        m = re.search(r"\[([a-z0-9_,]+)\]\s*$", prompt)
+        script = m.group(1).split(",") if m else ["ok"]
+        with self._lock:
+            n = self.attempts[prompt]
+            self.attempts[prompt] += 1
+        return script[min(n, len(script) - 1)]
+
+    def _hold(self) -> None:
+        with self._cond:
+            self._inflight += 1
+            self.max_inflight = max(self.max_inflight, self._inflight)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._inflight >= self.hold_target, self.hold_timeout)
+            self._inflight -= 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: FakeImageAPI
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):  # the connection was reset on purpose
+            super().finish()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _send(self, status: int, payload: Any = None, raw: bytes | None = None, **headers: str):
+        data = raw if raw is not None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _record(self, provider: str, body: bytes, prompt: str | None, kind: str) -> None:
+        with self.api._lock:
+            self.api.seen.append(
+                Seen(self.command, self.path, dict(self.headers), body, provider, prompt, kind)
+            )
+
+    def do_GET(self) -> None:
+        moved = re.fullmatch(r"/moved/(\w+\.png)", self.path)
+        if moved:  # a CDN that redirects: fine to follow, no key travels with a download
+            self._record("download", b"", None, "moved")
+            self.send_response(302)
+            self.send_header("Location", f"/files/{moved.group(1)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        m = re.fullmatch(r"/files/(black|[0-9a-f]+)\.png", self.path)
+        self._record("download", b"", None, "download")
+        if not m:
+            self._send(404, {"detail": "not found"})
+            return
+        data = BLACK if m.group(1) == "black" else picture(m.group(1))
+        self._send(200, raw=data, Content_Type="image/png")
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        request = json.loads(body)
+        if self.path == "/v1/images/generations":
+            provider, prompt = "openai", request["prompt"]
+        elif re.fullmatch(r"/v1beta/models/[\w.\-]+:predict", self.path):
+            provider, prompt = "imagen", request["instances"][0]["prompt"]
+        elif self.path == "/fal-ai/flux-pro/v1.1":
+            provider, prompt = "fal", request["prompt"]
+        elif self.path == "/generic":
+            provider, prompt = "http", request["input"]["text"]
+        else:
+            self._record("unknown", body, None, "404")
+            self._send(404, {"detail": f"no route {self.path}"})
+            return
+        kind = self.api._next_kind(prompt)
+        self._record(provider, body, prompt, kind)
+        self._answer(provider, kind, prompt, request)
+
+    # -- the answers -----------------------------------------------------------------------
+
+    def _answer(self, provider: str, kind: str, prompt: str, request: dict) -> None:
+        if kind == "timeout":
+            self.api._stop.wait(self.api.hold)  # the client's timeout is far shorter
+            self.close_connection = True
+            return
+        if kind == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()  # RST: the client sees a connection reset
+            self.close_connection = True
+            return
+        if kind == "r429":
+            self._send(
+                429, {"error": {"message": "Rate limit reached"}}, Retry_After=self.api.retry_after
+            )
+            return
+        if kind in ("r500", "r503"):
+            self._send(int(kind[1:]), {"error": {"message": "The server had an error"}})
+            return
+        if kind == "malformed":
+            self._send(200, raw=b'{"data": [{"b64_json": "iVBOR')
+            return
+        if kind == "shape":
+            self._send(200, ["unexpected"])
+            return
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if kind == "r401":
+            self._send(
+                401,
+                {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
+            )
+            return
+        if kind in ("echo", "echo500"):  # a server that echoes the credential back
+            cred = self.headers.get("Authorization") or self.headers.get("x-goog-api-key")
+            text = f"rejected credential {cred}"
+            payload = {"error": {"message": text}, "detail": [{"msg": text, "type": "auth"}]}
+            self._send(500 if kind == "echo500" else 400, payload)
+            return
+        if kind == "hold":
+            self.api._hold()
+            kind = "ok"
+        getattr(self, f"_{provider}")(kind, prompt, request)
+
+    def _image_b64(self, kind: str, prompt: str) -> str:
+        data = {"placeholder": BLACK, "flat": FLAT, "badimage": b"not an image at all"}.get(
+            kind, picture(prompt)
+        )
+        return base64.b64encode(data).decode()
+
+    def _file_url(self, prompt: str, folder: str = "files") -> str:
+        name = hashlib.sha256(prompt.encode()).hexdigest()[:12]
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{folder}/{name}.png"
+
+    def _openai(self, kind: str, prompt: str, request: dict) -> None:
+        if kind == "refuse":
+            code = (
+                "moderation_blocked"
+                if request["model"].startswith("gpt-image")
+                else ("content_policy_violation")
+            )
+            message = OPENAI_MODERATION if code == "moderation_blocked" else OPENAI_REFUSAL
+            err = {"code": code, "message": message, "param": None, "type": "invalid_request_error"}
+            self._send(400, {"error": err})
+        elif kind == "refuse2":  # older answers: no code, only the wording
+            self._send(
+                400,
+                {
+                    "error": {
+                        "code": None,
+                        "message": OPENAI_REFUSAL,
+                        "type": "invalid_request_error",
+                    }
+                },
+            )
+        elif kind == "r400":
+            self._send(
+                400,
+                {"error": {"code": "invalid_value", "message": "Invalid size", "param": "size"}},
+            )
+        elif kind == "missing":
+            self._send(200, {"created": 1, "data": []})
+        else:
+            item: dict[str, Any] = (
+                {"url": self._file_url(prompt, "moved" if kind == "moved" else "files")}
+                if kind in ("url", "moved")
+                else {"b64_json": self._image_b64(kind, prompt)}
+            )
+            if request["model"] == "dall-e-3":
+                item["revised_prompt"] = f"A detailed illustration of {prompt}"
+            self._send(200, {"created": 1, "data": [item]})
+
+    def _imagen(self, kind: str, prompt: str, request: dict) -> None:
+        if kind == "refuse":
+            self._send(200, {"predictions": [{"raiFilteredReason": IMAGEN_RAI}]})
+        elif kind == "refuse2":
+            self._send(
+                400,
+                {"error": {"code": 400, "message": IMAGEN_BLOCKED, "status": "INVALID_ARGUMENT"}},
+            )
+        elif kind == "r400":
+            self._send(
+                400,
+                {
+                    "error": {
+                        "code": 400,
+                        "message": "Invalid aspect ratio",
+                        "status": "INVALID_ARGUMENT",
+                    }
+                },
+            )
+        elif kind == "missing":
+            self._send(200, {})
+        else:
+            pred = {"bytesBase64Encoded": self._image_b64(kind, prompt), "mimeType": "image/png"}
+            self._send(200, {"predictions": [pred]})
+
+    def _fal(self, kind: str, prompt: str, request: dict) -> None:
+        if kind == "refuse":
+            detail = {
+                "loc": ["body", "prompt"],
+                "msg": FAL_REFUSAL,
+                "type": "content_policy_violation",
+            }
+            self._send(422, {"detail": [detail]})
+            return
+        if kind == "r400":
+            detail = {
+                "loc": ["body", "seed"],
+                "msg": "Input should be less than 2**32",
+                "type": "less_than",
+            }
+            self._send(422, {"detail": [detail]})
+            return
+        if kind == "missing":
+            self._send(200, {"images": [], "has_nsfw_concepts": [], "seed": request.get("seed")})
+            return
+        flagged = kind == "refuse2"  # the safety checker hides the image behind a black one
+        if flagged or kind == "url" or not request.get("sync_mode"):
+            url = (
+                f"http://127.0.0.1:{self.server.server_address[1]}/files/black.png"
+                if flagged
+                else self._file_url(prompt)
+            )
+        else:
+            url = "data:image/png;base64," + self._image_b64(kind, prompt)
+        image = {"url": url, "width": 32, "height": 32, "content_type": "image/png"}
+        self._send(
+            200,
+            {
+                "images": [image],
+                "timings": {"inference": 0.01},
+                "seed": request.get("seed"),
+                "has_nsfw_concepts": [flagged],
+                "prompt": prompt,
+            },
+        )
+
+    def _http(self, kind: str, prompt: str, request: dict) -> None:
+        if kind == "refuse":
+            self._send(200, {"error": {"message": GENERIC_REFUSAL}})
+        elif kind == "refuse2":
+            self._send(451, {"error": {"message": GENERIC_451}})
+        elif kind == "r400":
+            self._send(400, {"error": {"message": "bad size"}})
+        elif kind == "missing":
+            self._send(200, {"output": {}})
+        elif kind == "url":
+            self._send(200, {"output": {"image": self._file_url(prompt)}})
+        else:
+            self._send(
+                200,
+                {
+                    "output": {
+                        "image": self._image_b64(kind, prompt),
+                        "seed": request["input"]["seed"],
+                    }
+                },
+            )
