@@ -153,6 +153,33 @@ def test_classifier_guard_loads_offline_and_scores(tiny_classifier):
         ClassifierGuard(model=str(tiny_classifier), unsafe_labels=["toxic"])
 
 
+def test_classifier_guard_runs_no_repo_code_unless_asked(tiny_classifier, monkeypatch):
+    import transformers
+
+    from t2i_eval.systems.text_guards import ClassifierGuard
+
+    seen = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForSequenceClassification):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _real=real, **kw):
+            seen.append((klass.__name__, kw.get("trust_remote_code"), kw.get("use_safetensors")))
+            return _real(klass, *a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    g = ClassifierGuard(model=str(tiny_classifier), weights="random")
+    assert g.info()["trust_remote_code"] is False
+    assert seen == [
+        ("AutoTokenizer", False, None),
+        ("AutoModelForSequenceClassification", False, True),
+    ]
+    seen.clear()
+    ClassifierGuard(model=str(tiny_classifier), weights="random", trust_remote_code=True)
+    assert [t for _, t, _ in seen] == [True, True]
+    with pytest.raises(UserError, match="true or false"):
+        ClassifierGuard(model=str(tiny_classifier), trust_remote_code="yes")
+
+
 def test_guards_only_system_accepts_without_images():
     sys_ = build_system(parse_system("blocklist"))
     assert sys_.generator.name == "guards-only"

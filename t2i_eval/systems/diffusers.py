@@ -1,11 +1,16 @@
 """The diffusers generator: any text-to-image pipeline by model id or local folder.
 
-Built with `safety_checker=None` so an image is never silently blacked out; the safety checker
-runs as its own image-guard stage (`safety_checker.py`) and keeps its raw scores.
+One class for every family (SD-1.5/2.1, SDXL, SD3 with its T5 encoder, FLUX): each family's
+differences live in its pipeline's `__call__` signature, which decides what is passed. Built
+with `safety_checker=None` so an image is never silently blacked out; the safety checker runs
+as its own image-guard stage (`safety_checker.py`) and keeps its raw scores. Weights load as
+safetensors only, and code from a model repo runs only with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any
 
 from ..errors import MissingExtra, UserError
@@ -16,8 +21,6 @@ from .torch_utils import import_torch, resolve_device, resolve_dtype
 
 def is_random_weights(model: str) -> bool:
     """A folder our tiny builder wrote (marker file) holds random weights, whatever loads it."""
-    from pathlib import Path
-
     return (Path(model) / "T2I_EVAL_TINY.json").is_file()
 
 
@@ -56,6 +59,30 @@ def resolve_negative_prompt(value: str | None) -> str | None:
     return str(named.get(value, value))
 
 
+#: File endings of pickle-based weights: loading one can run code, so they are never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_only(model: str) -> None:
+    """Refuse a local folder where some component has pickle weights and no safetensors.
+
+    `use_safetensors=True` already makes diffusers refuse them, but with a message about a
+    missing file; this says why and what to do, before anything is loaded.
+    """
+    root = Path(model)
+    if not root.is_dir():
+        return  # a hub id: diffusers downloads safetensors only (use_safetensors=True)
+    pickles = [p for p in root.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    for folder in sorted({p.parent for p in pickles}):
+        if not any(folder.glob("*.safetensors")):
+            names = ", ".join(sorted(p.name for p in pickles if p.parent == folder))
+            raise UserError(
+                f"diffusers: {folder} holds weights only as pickle files ({names}); t2i-eval loads "
+                "safetensors only, because loading a pickle can run code. Convert it once where "
+                "you trust it: load it and save_pretrained(DIR, safe_serialization=True)."
+            )
+
+
 def load_pipeline(
     model: str,
     *,
@@ -63,42 +90,101 @@ def load_pipeline(
     variant: str | None = None,
     revision: str | None = None,
     safe: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Any:
     """`AutoPipelineForText2Image`, falling back to `DiffusionPipeline` for unmapped families.
 
-    Safetensors only, and never the model repo's own code (no trust_remote_code): loading a
-    model must not run code from it. Both paths drop the built-in safety checker, which runs
-    as its own stage instead.
+    Safetensors only. The model repo's own code (custom pipelines or components) runs only when
+    the user passes `trust_remote_code=True`; the keyword is passed only then, so an unset flag
+    leaves diffusers' own default (False) in charge. Both paths drop the built-in
+    safety checker, which runs as its own stage instead (pipelines without one ignore it).
     """
     diffusers = import_diffusers()
-    if (
-        safe is not None
-    ):  # Safe Latent Diffusion: deprecated in diffusers, kept (pinned) to measure it
-        return diffusers.StableDiffusionPipelineSafe.from_pretrained(
-            model,
-            safety_checker=None,
-            requires_safety_checker=False,
-            dtype=dtype,
-            use_safetensors=True,
-            variant=variant,
-            revision=revision,
-        )
+    refuse_pickle_only(model)
     kwargs: dict[str, Any] = dict(
+        safety_checker=None,
+        requires_safety_checker=False,
         dtype=dtype,
         use_safetensors=True,
         variant=variant,
         revision=revision,
     )
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if safe is not None:
+        # Safe Latent Diffusion: deprecated in diffusers, kept (pinned) to measure it
+        return diffusers.StableDiffusionPipelineSafe.from_pretrained(model, **kwargs)
     try:
-        return diffusers.AutoPipelineForText2Image.from_pretrained(
-            model, safety_checker=None, requires_safety_checker=False, **kwargs
-        )
+        return diffusers.AutoPipelineForText2Image.from_pretrained(model, **kwargs)
     except ValueError as e:
         if "AutoPipeline can't find a pipeline" not in str(e):
             raise
-    return diffusers.DiffusionPipeline.from_pretrained(
-        model, safety_checker=None, requires_safety_checker=False, **kwargs
-    )
+    return diffusers.DiffusionPipeline.from_pretrained(model, **kwargs)
+
+
+#: Generator option -> the pipeline `__call__` keyword it sets.
+CALL_KEYWORDS = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "height": "height",
+    "width": "width",
+    "negative_prompt": "negative_prompt",
+    "max_sequence_length": "max_sequence_length",
+}
+
+
+def call_options(pipe: Any, requested: dict[str, Any]) -> dict[str, Any]:
+    """The `__call__` keywords for the options that are set (None = the pipeline's default).
+
+    Families differ (SD-1.5/2.1 and SDXL have no `max_sequence_length`; FLUX takes a negative
+    prompt only for "true CFG"), so a keyword is passed only where `__call__` takes it. An option
+    the pipeline would not take, or would take and ignore, is an error rather than a silent
+    drop: the manifest would otherwise record a setting that never applied.
+    """
+    params = inspect.signature(pipe.__call__).parameters
+    family = type(pipe).__name__
+    out = {}
+    for option, value in requested.items():
+        if value is None:
+            continue
+        keyword = CALL_KEYWORDS[option]
+        if keyword not in params:
+            raise UserError(
+                f"diffusers: {family} takes no '{keyword}', so option '{option}' cannot apply; "
+                "remove it from the generator options"
+            )
+        out[keyword] = value
+    if "negative_prompt" in out and "true_cfg_scale" in params:
+        raise UserError(
+            f"diffusers: {family} applies a negative prompt only with true CFG (true_cfg_scale > 1), "
+            "which this generator does not use; remove option 'negative_prompt'"
+        )
+    return out
+
+
+def effective_call(pipe: Any, passed: dict[str, Any]) -> dict[str, Any]:
+    """What each `CALL_KEYWORDS` keyword the pipeline takes will be: ours, else its default."""
+    params = inspect.signature(pipe.__call__).parameters
+    return {k: passed.get(k, params[k].default) for k in CALL_KEYWORDS.values() if k in params}
+
+
+def guidance_semantics(pipe: Any) -> str:
+    """What `guidance_scale` means for this pipeline: the same number is not the same knob."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None) or {}
+    if "guidance_embeds" in config:  # FLUX: guidance is an input of a distilled model, not CFG
+        if config["guidance_embeds"]:
+            return "distilled guidance input (no CFG)"
+        return "ignored (no guidance input, no CFG)"
+    return "classifier-free guidance (off at <= 1)"
+
+
+def text_encoders(pipe: Any) -> dict[str, str]:
+    """Loaded text encoders by component name (shows, e.g., that SD3's T5 was kept)."""
+    return {
+        name: type(module).__name__
+        for name, module in getattr(pipe, "components", {}).items()
+        if name.startswith("text_encoder") and module is not None
+    }
 
 
 class DiffusersGenerator:
@@ -112,29 +198,34 @@ class DiffusersGenerator:
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         device: str = "auto",
         dtype: str = "auto",
-        steps: int = 25,
-        guidance: float = 7.5,
+        steps: int | None = None,
+        guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str | None = None,
+        max_sequence_length: int | None = None,
         variant: str | None = None,
         revision: str | None = None,
         safe: str | None = None,
         channels_last: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
-        """`negative_prompt`: a literal prompt or a name from guards/negative_prompts.yaml
-        (`safety`); `safe`: Safe Latent Diffusion at SafetyConfig weak|medium|strong|max."""
+        """Options left None take the pipeline's own `__call__` default (each family has its
+        own steps and guidance), recorded in `info()`.
+
+        `negative_prompt`: a literal prompt or a name from guards/negative_prompts.yaml
+        (`safety`); `max_sequence_length`: T5 tokens (SD3, FLUX); `safe`: Safe Latent Diffusion
+        at SafetyConfig weak|medium|strong|max; `trust_remote_code`: allow code from the model
+        repo (custom pipelines): off unless set, because loading a model must not run its code.
+        """
         if safe is not None and safe not in SLD_LEVELS:
             raise ValueError(f"safe must be one of {', '.join(SLD_LEVELS)}, not {safe!r}")
         self.safe = safe
         self.model = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.steps = int(steps)
-        self.guidance = float(guidance)
-        self.height = height
-        self.width = width
         self.negative_prompt = resolve_negative_prompt(negative_prompt)
+        self.trust_remote_code = bool(trust_remote_code)
         try:
             self.pipe = load_pipeline(
                 model,
@@ -142,12 +233,26 @@ class DiffusersGenerator:
                 variant=variant,
                 revision=revision,
                 safe=safe,
+                trust_remote_code=self.trust_remote_code,
             ).to(self.device)
         except OSError as e:
             raise UserError(
                 f"diffusers: could not load '{model}' ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
-                "Give a local folder, or a hub id on a machine with hub access."
+                "Give a local folder with safetensors weights, or a hub id on a machine with hub access."
             ) from None
+        self.call = call_options(
+            self.pipe,
+            {
+                "steps": None if steps is None else int(steps),
+                "guidance": None if guidance is None else float(guidance),
+                "height": None if height is None else int(height),
+                "width": None if width is None else int(width),
+                "negative_prompt": self.negative_prompt,
+                "max_sequence_length": (
+                    None if max_sequence_length is None else int(max_sequence_length)
+                ),
+            },
+        )
         self.pipe.set_progress_bar_config(disable=True)
         self.channels_last = bool(channels_last)
         self.compiled = False
@@ -177,16 +282,23 @@ class DiffusersGenerator:
         self.compiled = True
 
     def info(self) -> dict[str, Any]:
+        call = effective_call(self.pipe, self.call)
         return {
             "model": self.model,
             "pipeline": type(self.pipe).__name__,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "height": self.height,
-            "width": self.width,
+            "steps": call.get("num_inference_steps"),
+            "guidance": call.get("guidance_scale"),
+            "guidance_semantics": guidance_semantics(self.pipe),
+            "height": call.get("height"),
+            "width": call.get("width"),
             "negative_prompt": self.negative_prompt,
+            "max_sequence_length": call.get("max_sequence_length"),
+            "call": call,
+            "text_encoders": text_encoders(self.pipe),
+            "safetensors_only": True,
+            "trust_remote_code": self.trust_remote_code,
             "safe_latent_diffusion": self.safe,
             "channels_last": self.channels_last,
             "compiled": self.compiled,
@@ -197,17 +309,9 @@ class DiffusersGenerator:
         torch = import_torch()
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         kwargs: dict[str, Any] = dict(
-            prompt=list(texts),
-            generator=gens,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            output_type="pil",
+            self.call, prompt=list(texts), generator=gens, output_type="pil"
         )
-        if self.height:
-            kwargs["height"] = self.height
-        if self.width:
-            kwargs["width"] = self.width
-        if self.negative_prompt:
+        if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = [self.negative_prompt] * len(texts)
         if self.safe is not None:
             from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig

@@ -222,7 +222,14 @@ class ClassifierGuard:
         batch_size: int = 32,
         max_length: int = 256,
         weights: str = "pretrained",
+        trust_remote_code: bool = False,
     ) -> None:
+        """`trust_remote_code` runs the model repo's own Python when loading: off unless the user
+        sets it in the system spec (and recorded in the manifest when on)."""
+        if not isinstance(trust_remote_code, bool):
+            raise UserError("classifier guard: trust_remote_code must be true or false")
+        remote = {"trust_remote_code": trust_remote_code}
+        self.trust_remote_code = trust_remote_code
         try:
             import torch
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -230,10 +237,10 @@ class ClassifierGuard:
             raise MissingExtra("the classifier guard", "transformers", "diffusers") from None
         self._torch = torch
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(model, **remote)
             self.model = (
                 AutoModelForSequenceClassification.from_pretrained(
-                    model, use_safetensors=True, trust_remote_code=False
+                    model, use_safetensors=True, **remote
                 )
                 .to(device)
                 .eval()
@@ -277,6 +284,7 @@ class ClassifierGuard:
             "unsafe_labels": [self.labels[i] for i in self.unsafe_idx],
             "threshold": self.threshold,
             "rule": "refuse when P(unsafe labels) > threshold",
+            "trust_remote_code": self.trust_remote_code,
         }
 
     def check(self, texts: list[str]) -> list[StageDecision]:

@@ -38,8 +38,12 @@ def cache_dir() -> Path:
     return Path(root) / f"tiny-sd-v{TINY_VERSION}"
 
 
-def _clip_tokenizer() -> Any:
-    """Stable Diffusion's CLIP tokenizer rebuilt from the BPE file that ships with open_clip."""
+def clip_tokenizer() -> Any:
+    """Stable Diffusion's CLIP tokenizer rebuilt from the BPE file that ships with open_clip.
+
+    Also the tokenizer of SDXL's two, SD3's two and FLUX's one CLIP encoder: tests of those
+    families build their tiny pipelines with it.
+    """
     try:
         from open_clip.tokenizer import bytes_to_unicode, default_bpe
     except ImportError:
@@ -73,7 +77,7 @@ def build_tiny(dest: Path) -> None:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
-    tokenizer = _clip_tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8),
