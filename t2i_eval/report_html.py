@@ -1,11 +1,13 @@
 """`t2i-eval report RUN_DIR [RUN_DIR ...] --html`: one self-contained index.html (no network, no
 CDN) with its PNG plots and image thumbnails in folders beside it.
 
-Per run: the per-category table with intervals, stacked bars of outcomes by stage, the
-threshold-sweep curves when the run has them, and a thumbnail gallery of refused benign prompts
-per category. Across runs: the OVERT-style scatter (benign over-refusal vs unsafe refusal, one
-point per category and run), a leaderboard with a safety-utility score, and paired McNemar tests
-between runs on the records they share (same prompt id and seed).
+Per run: the per-category table with intervals (seeds clustered within prompts, as in
+report.md, plus the always/sometimes/never prompt shares when a run has several seeds per
+prompt), stacked bars of outcomes by stage, the threshold-sweep curves when the run has them,
+and a thumbnail gallery of refused benign prompts per category. Across runs: the OVERT-style
+scatter (benign over-refusal vs unsafe refusal, one point per category and run), a leaderboard
+with a safety-utility score, and paired McNemar tests between runs on the records they share
+(same prompt id and seed).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from .errors import UserError
 from .report import RunData, load_run, weight_warnings
-from .stats import CATEGORIES, Table, fmt_rate, mcnemar_exact, outcome
+from .stats import CATEGORIES, Cell, Table, fmt_clustered, mcnemar_exact, outcome
 from .store import RunStore, atomic_write_bytes
 
 OUTCOMES = ("complied", "prompt_guard", "generator", "image_guard", "blank", "sanitization")
@@ -156,6 +158,14 @@ def _paired(a: RunData, b: RunData) -> dict[str, Any]:
     return out
 
 
+def _shares(cell: Cell) -> str:
+    """`always / sometimes / never of P prompts` over prompts with two or more judged seeds."""
+    sh = cell.shares
+    if not sh.prompts:
+        return "-"
+    return f"{sh.always} / {sh.sometimes} / {sh.never} of {sh.prompts}"
+
+
 def _e(x: Any) -> str:
     return html.escape(str(x))
 
@@ -218,10 +228,18 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
         (out / sub).mkdir(parents=True, exist_ok=True)
     names = [f"{d.name}" for d, _ in runs]
     tables = [(n, data.table()) for n, (_, data) in zip(names, runs, strict=True)]
+    seeded = [n for n, t in tables if t.seeds_per_prompt > 1]
+    note = (
+        f" Runs with several seeds per prompt ({', '.join(seeded)}): k and n count records "
+        "(seeds) and the interval accounts for seeds clustered within prompts (Wilson at the "
+        "effective sample size n / deff, deff = 1 + (m_w - 1) * ICC, as in report.md)."
+        if seeded
+        else ""
+    )
     parts = [
         f"<h1>Over-refusal report</h1><p>{len(runs)} run(s). Rates are "
         "<code>rate (k / n) [95% Wilson CI]</code>; refusal = hard refusal at any stage, "
-        "blocked (blank image) or sanitized.</p>"
+        f"blocked (blank image) or sanitized.{_e(note)}</p>"
     ]
     scatter(tables, out / "figures" / "scatter.png")
     parts.append(
@@ -242,14 +260,14 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
         for _, name, table, s, _rb, _ru in rows:
             b, u = table.micro("benign"), table.micro("unsafe")
             cells = "".join(
-                f"<td>{_e(fmt_rate(table.cell(c, 'benign').refused, table.cell(c, 'benign').n))}"
-                f" / {_e(fmt_rate(table.cell(c, 'unsafe').refused, table.cell(c, 'unsafe').n))}</td>"
+                f"<td>{_e(fmt_clustered(table.cell(c, 'benign').refusal))}"
+                f" / {_e(fmt_clustered(table.cell(c, 'unsafe').refusal))}</td>"
                 for c in CATEGORIES
             )
             lead.append(
                 f"<tr><td>{_e(name)}</td><td>{'n/a' if s is None else f'{s:.3f}'}</td>"
-                f"<td>{_e(fmt_rate(b.refused, b.n))}</td>"
-                f"<td>{_e(fmt_rate(u.refused, u.n))}</td>{cells}</tr>"
+                f"<td>{_e(fmt_clustered(b.refusal))}</td>"
+                f"<td>{_e(fmt_clustered(u.refusal))}</td>{cells}</tr>"
             )
         pairs = [
             "<tr><th>run A</th><th>run B</th><th>label</th><th>shared records</th>"
@@ -274,17 +292,25 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
         table = tables[i][1]
         warn = weight_warnings(data.manifest)
         stacked_bars(data, out / "figures" / f"outcomes-{i}.png", name)
+        seeds = table.seeds_per_prompt > 1
+        shares_head = (
+            "<th>benign prompts refused: always / sometimes / never</th>"
+            "<th>unsafe prompts refused: always / sometimes / never</th>"
+            if seeds
+            else ""
+        )
         rows = [
             "<tr><th>category</th><th>benign over-refusal</th><th>unsafe refusal</th>"
-            "<th>errors</th><th>unjudged</th></tr>"
+            f"<th>errors</th><th>unjudged</th>{shares_head}</tr>"
         ]
         for cat in [*table.categories, "all"]:
             b = table.micro("benign") if cat == "all" else table.cell(cat, "benign")
             u = table.micro("unsafe") if cat == "all" else table.cell(cat, "unsafe")
+            shares = f"<td>{_e(_shares(b))}</td><td>{_e(_shares(u))}</td>" if seeds else ""
             rows.append(
-                f"<tr><td>{_e(cat)}</td><td>{_e(fmt_rate(b.refused, b.n))}</td>"
-                f"<td>{_e(fmt_rate(u.refused, u.n))}</td><td>{b.errors + u.errors}</td>"
-                f"<td>{b.unjudged + u.unjudged}</td></tr>"
+                f"<tr><td>{_e(cat)}</td><td>{_e(fmt_clustered(b.refusal))}</td>"
+                f"<td>{_e(fmt_clustered(u.refusal))}</td><td>{b.errors + u.errors}</td>"
+                f"<td>{b.unjudged + u.unjudged}</td>{shares}</tr>"
             )
         sweeps = sorted((d / "sweep").glob("*.png")) if (d / "sweep").is_dir() else []
         sweep_html = ""

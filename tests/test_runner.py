@@ -159,7 +159,10 @@ def test_report_counts_seeds_from_records(tmp_path):
     run(suite, _spec(tmp_path), out=out, progress=False, seeds=2)
     run(suite, _spec(tmp_path), out=out, progress=False, seeds=1)  # nothing new to do
     text = write_report(out)
-    assert "seeds per prompt: 2 (from the records) (records treated as independent)" in text
+    assert (
+        "seeds per prompt: 2 (from the records); intervals treat the seeds of a prompt as clustered"
+        in text
+    )
 
 
 def test_retry_recovers_transient_error(tmp_path, monkeypatch):
