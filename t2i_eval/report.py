@@ -306,7 +306,13 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
     lines = [
         f"# Over-refusal report: {system['name']} on {suite['name']}",
         "",
-        f"- run: `{run_dir}` (status: {manifest.get('status')})",
+        f"- run: `{run_dir}` (status: {manifest.get('status')}"
+        + (
+            f": {manifest['error']}"
+            if manifest.get("status") != "complete" and manifest.get("error")
+            else ""
+        )
+        + ")",
         f"- suite: {suite['name']} version {suite.get('version') or '-'} "
         f"(digest {suite['digest']}, {suite['n_prompts']} prompts)",
         f"- system: prompt guards [{', '.join(c['name'] for c in system['prompt_guards']) or '-'}]"

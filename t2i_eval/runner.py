@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import UserError
-from .store import RunStore
+from .store import RunStore, writer_info
 from .systems import SystemSpec, build_system, validate_spec
 from .systems.base import BatchTooLarge, ItemResult, WorkItem
 from .types import Generation, Suite
@@ -135,30 +135,52 @@ def _to_generation(r: ItemResult, image_path: str | None, rank: int) -> Generati
     )
 
 
-def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]) -> None:
-    """Create the manifest, or check that an existing run is the same suite and system."""
+def _finished(store: RunStore) -> set[str]:
+    """Record ids already done: ok or refused, with their image still on disk (errors and
+    lost images are redone). One pass over the records; empty on a fresh run."""
+    return {
+        rid
+        for rid, g in store.read_generations().items()
+        if g.status != "error" and (g.image_path is None or store.resolve(g.image_path).exists())
+    }
+
+
+def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]) -> set[str]:
+    """Create the manifest, or check that an existing run is the same suite and system and
+    that its records are readable; returns the ids already finished.
+
+    Everything is checked before the manifest changes: a resume that cannot start leaves the
+    run as it was. The manifest is written before prompts.jsonl: a folder holding files but no
+    manifest is then never one of ours, and a process killed between the two leaves a run that
+    the next start completes (it writes the missing prompts)."""
     if store.exists():
         m = store.read_manifest()
-        if m["suite"]["digest"] != suite.digest or m["system"]["digest"] != spec.digest:
+        old_suite, old_system = m["suite"].get("digest"), m["system"].get("digest")
+        if old_suite != suite.digest or old_system != spec.digest:
             raise UserError(
-                f"{store.root}: holds a run of another suite or system (suite {m['suite']['digest']} "
-                f"vs {suite.digest}, system {m['system']['digest']} vs {spec.digest}); "
+                f"{store.root}: holds a run of another suite or system (suite {old_suite} "
+                f"vs {suite.digest}, system {old_system} vs {spec.digest}); "
                 "pass a new --out to start a separate run"
             )
+        finished = _finished(store)
         history = [*m.get("history", []), _session(argv)]
         store.update_manifest(
             status="running",
+            **writer_info(),
             argv=argv,
             error=None,
             history=history,
             versions=_versions(),
             git_commit=_git_commit(),
         )
-        return
-    store.write_prompts(suite.prompts)
+        if not store.prompts_path.exists():
+            store.write_prompts(suite.prompts)
+        store.remove_partial_images()
+        return finished
     store.write_manifest(
         {
             "status": "running",
+            **writer_info(),
             "argv": argv,
             "created_at": _now(),
             "versions": _versions(),
@@ -174,6 +196,8 @@ def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]
             "history": [_session(argv)],
         }
     )
+    store.write_prompts(suite.prompts)
+    return set()
 
 
 def _session(argv: list[str]) -> dict[str, Any]:
@@ -189,6 +213,16 @@ def _exclusive(store: RunStore, rank: int = 0) -> Iterator[None]:
 
     if store.root.exists() and not store.root.is_dir():
         raise UserError(f"--out {store.root}: exists and is not a folder")
+    if store.root.is_dir():
+        # until the manifest exists, every file of ours starts with a dot (lock, temp files);
+        # listed before checking for the manifest, as another rank may be writing it now
+        foreign = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))
+        if foreign and not store.exists():
+            raise UserError(
+                f"--out {store.root}: a folder with other files ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}) and no manifest.json, so not a run "
+                "directory; pass a new or empty folder"
+            )
     try:
         store.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -245,15 +279,25 @@ def run(
     argv = list(argv if argv is not None else sys.argv)
     share = ranks()
     with _exclusive(store, share.rank):
-        if share.rank == 0:
-            _open_store(store, suite, spec, argv)
+        finished = _open_store(store, suite, spec, argv) if share.rank == 0 else set()
         share.wait()  # the manifest exists before any other rank reads it
         if share.rank != 0:
             m = store.read_manifest()
-            if m["suite"]["digest"] != suite.digest or m["system"]["digest"] != spec.digest:
+            if (m["suite"].get("digest"), m["system"].get("digest")) != (suite.digest, spec.digest):
                 raise UserError(f"{store.root}: rank {share.rank} sees another suite or system")
+            finished = _finished(store)
         return _run_locked(
-            store, suite, spec, seeds, limit, batch_size, progress, judges, share, compile_unet
+            store,
+            suite,
+            spec,
+            seeds,
+            limit,
+            batch_size,
+            progress,
+            judges,
+            share,
+            compile_unet,
+            finished,
         )
 
 
@@ -268,15 +312,12 @@ def _run_locked(
     judges: tuple[str, ...],
     share: Ranks | None = None,
     compile_unet: bool = False,
+    finished: set[str] | None = None,
 ) -> RunResult:
     share = share or Ranks()
     rank = share.rank
     items = plan(suite, seeds, limit)
-    finished = {
-        rid
-        for rid, g in store.read_generations().items()
-        if g.status != "error" and (g.image_path is None or store.resolve(g.image_path).exists())
-    }  # empty on a fresh run; on resume, one pass to check every stored image still exists
+    finished = _finished(store) if finished is None else finished
     pending = [it for it in items if it.record_id not in finished]  # all ranks' work
     todo = [it for it in pending if share.owns(it.record_id)]  # this rank's share
     backoffs: list[dict[str, Any]] = []
@@ -311,10 +352,14 @@ def _run_locked(
             judge_run(store.root, ref, progress=progress)
     except BaseException as e:
         if rank == 0:
-            reason = (
-                "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            )
-            store.update_manifest(status="failed", error=reason, updated_at=_now())
+            if isinstance(e, KeyboardInterrupt):
+                status, reason = (
+                    "interrupted",
+                    "interrupted (Ctrl-C); rerun the same command to resume",
+                )
+            else:
+                status, reason = "failed", f"{type(e).__name__}: {e}"
+            store.update_manifest(status=status, error=reason, updated_at=_now())
         raise
     statuses = store.statuses()
     counts = dict(Counter(statuses.values()))

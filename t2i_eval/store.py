@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import UserError
 from .types import Generation, Prompt, Verdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Bump when the layout or record fields change incompatibly; readers refuse other versions.
 STORE_VERSION = 1
@@ -56,14 +58,32 @@ def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if i == len(lines) - 1:  # no newline after it: the write never finished
                 log.warning(
                     "%s: dropped a torn last line (%d bytes); it will be redone", path, len(line)
                 )
                 continue
             raise UserError(f"{path} line {i + 1}: corrupt record (not JSON)") from None
+        if not isinstance(row, dict):
+            raise UserError(
+                f"{path} line {i + 1}: not a record of this t2i-eval version (a JSON "
+                f"{type(row).__name__}, expected an object); start a new run directory"
+            )
+        yield row
+
+
+def _parse_records(path: Path, parse: Callable[[dict[str, Any]], T]) -> Iterable[T]:
+    """Typed records from a JSONL file; a record of another layout is one clear error."""
+    for n, d in enumerate(_read_jsonl(path), start=1):
+        try:
+            yield parse(d)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise UserError(
+                f"{path} record {n}: not a record of this t2i-eval version ({e}); "
+                "start a new run directory"
+            ) from None
 
 
 def _append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -79,11 +99,65 @@ def _append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             if f.read(1) != b"\n":
                 f.seek(0)
                 keep = f.read().rfind(b"\n") + 1
-                f.truncate(keep)
+                f.seek(keep)
+                if _complete_record(f.read()):  # only its newline was lost: keep it, as readers do
+                    payload = b"\n" + payload
+                else:
+                    f.truncate(keep)
                 f.seek(0, os.SEEK_END)
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _complete_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None where unknown.
+
+    Stored beside the pid so a reader can tell the run's own process from a later process
+    that happens to get the same pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _pid_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    now = process_start(pid)
+    return started is None or now is None or now == started
+
+
+def writer_info() -> dict[str, Any]:
+    """Who writes a running manifest: lets a later reader tell a live run from a killed one."""
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "pid_start": process_start(pid)}
+
+
+def interrupted(manifest: dict[str, Any]) -> bool:
+    """A manifest that says "running" although its process on this host is gone.
+
+    A process killed outright (SIGKILL, out of memory, power loss) never writes "failed", so
+    "running" alone does not mean running. A run on another host, or from a version that did
+    not record its pid, cannot be checked from here and keeps its "running"."""
+    pid = manifest.get("pid")
+    if manifest.get("status") != "running" or not isinstance(pid, int):
+        return False
+    if manifest.get("host") != socket.gethostname():
+        return False
+    return not _pid_alive(pid, manifest.get("pid_start"))
 
 
 class RunStore:
@@ -158,6 +232,12 @@ class RunStore:
                 f"{self.manifest_path}: missing {', '.join(missing)}; not a manifest "
                 "written by t2i-eval run"
             )
+        if interrupted(manifest):
+            manifest["status"] = "interrupted"
+            manifest["error"] = manifest.get("error") or (
+                f"process {manifest['pid']} on {manifest['host']} stopped before the run "
+                "finished (killed?); rerun the same command to resume"
+            )
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -176,7 +256,7 @@ class RunStore:
     def read_prompts(self) -> list[Prompt]:
         if not self.prompts_path.exists():
             raise UserError(f"{self.root}: no prompts.jsonl")
-        return [Prompt.from_dict(d) for d in _read_jsonl(self.prompts_path)]
+        return list(_parse_records(self.prompts_path, Prompt.from_dict))
 
     # records -------------------------------------------------------------------------------
     def append_generations(self, gens: Iterable[Generation], rank: int = 0) -> None:
@@ -187,14 +267,7 @@ class RunStore:
         out: dict[str, Generation] = {}
         folder = self.root / "generations"
         for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []:
-            for n, d in enumerate(_read_jsonl(path), start=1):
-                try:
-                    g = Generation.from_dict(d)
-                except TypeError as e:
-                    raise UserError(
-                        f"{path} record {n}: not a record of this t2i-eval version ({e}); "
-                        "start a new run directory"
-                    ) from None
+            for g in _parse_records(path, Generation.from_dict):
                 prev = out.get(g.record_id)
                 if prev is None or prev.status == "error" or g.status != "error":
                     out[g.record_id] = g
@@ -227,6 +300,19 @@ class RunStore:
         atomic_write_bytes(self.root / rel, buf.getvalue())
         return rel
 
+    def remove_partial_images(self) -> int:
+        """Delete the temp files of image writes that a killed process never finished.
+
+        `atomic_write_bytes` names them `.<name>.<random>`; a reader never sees them as images,
+        but each kill would leave a batch of them behind. Only safe while no other process
+        writes images here (the runner calls it holding the run's lock, before any rank
+        starts generating)."""
+        folder = self.root / "images"
+        stale = [p for p in folder.glob(".*") if p.is_file()] if folder.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
     def append_verdicts(self, judge_key: str, verdicts: Iterable[Verdict]) -> None:
         _append_jsonl(self.verdicts_path(judge_key), (v.to_dict() for v in verdicts))
 
@@ -234,7 +320,7 @@ class RunStore:
         path = self.verdicts_path(judge_key)
         if not path.exists():
             return {}
-        return {v.record_id: v for v in (Verdict.from_dict(d) for d in _read_jsonl(path))}
+        return {v.record_id: v for v in _parse_records(path, Verdict.from_dict)}
 
     def verdict_keys(self) -> list[str]:
         folder = self.root / "verdicts"

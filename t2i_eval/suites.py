@@ -159,6 +159,11 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise UserError(f"{where}: {have} fields but the header has {len(header)}")
             yield where, row
     except csv.Error as e:
+        if "field larger than field limit" in str(e):  # almost always a quote never closed
+            raise UserError(
+                f"{path} line {start}: a field longer than {csv.field_size_limit()} characters; "
+                'check for a quote (") that is never closed'
+            ) from None
         raise UserError(f"{path} line {start}: malformed CSV ({e})") from None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import yaml
 
 from ..errors import UserError, did_you_mean
 from ..paths import data_dir
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -81,10 +84,14 @@ def build_judge(ref: str) -> Any:
     return judge_from_spec(load_spec(ref))
 
 
-def judge_from_spec(spec: dict[str, Any]) -> Any:
+def judge_class(spec: dict[str, Any]) -> type:
+    """The implementation of a spec's kind, imported but not built (no model loaded)."""
     module, _, attr = JUDGES[spec["kind"]].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    return cls.from_spec(spec)
+    return getattr(importlib.import_module(module), attr)
+
+
+def judge_from_spec(spec: dict[str, Any]) -> Any:
+    return judge_class(spec).from_spec(spec)
 
 
 def spec_digest(spec: dict[str, Any]) -> str:
@@ -132,22 +139,24 @@ def judge_run(
     store = RunStore(run_dir)
     manifest = store.read_manifest()
     spec = load_spec(ref, clip=clip)
-    judge = judge_from_spec(spec)
     ref_gens: dict[str, Any] = {}
     ref_store = None
-    if getattr(judge, "needs_reference", False):
+    # every input is checked before the judge is built: building may load a large model
+    if getattr(judge_class(spec), "needs_reference", False):
         if reference is None:
             raise UserError(
-                f"judge {judge.key} compares with a reference run: pass --reference RUN_DIR"
+                f"judge {spec['name']}@{spec['version']} compares with a reference run: "
+                "pass --reference RUN_DIR"
             )
         ref_store = RunStore(reference)
         ref_manifest = ref_store.read_manifest()
-        if ref_manifest["suite"]["digest"] != manifest["suite"]["digest"]:
+        if ref_manifest["suite"].get("digest") != manifest["suite"].get("digest"):
             raise UserError(
                 f"--reference {reference}: ran another suite (digest "
-                f"{ref_manifest['suite']['digest']} vs {manifest['suite']['digest']})"
+                f"{ref_manifest['suite'].get('digest')} vs {manifest['suite'].get('digest')})"
             )
         ref_gens = ref_store.read_generations()
+    judge = judge_from_spec(spec)
     pinned = dict(spec)
     if ref_store is not None:  # verdicts are only valid against the reference they were made with
         pinned["reference_run"] = {
@@ -178,6 +187,7 @@ def judge_run(
     bar = tqdm(
         total=len(todo), desc=f"judge {judge.key}", unit="img", disable=not progress or not todo
     )
+    unreadable: list[str] = []
     with bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -186,7 +196,9 @@ def judge_run(
                 p = prompts.get(g.prompt_id)
                 try:
                     image = _open_image(store, g.image_path)
-                except (OSError, UnidentifiedImageError) as e:
+                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                    # PIL raises SyntaxError/ValueError on some broken headers
+                    unreadable.append(f"{g.image_path} ({e})")
                     verdicts.append(
                         Verdict(g.record_id, judge.key, None, reason=f"could not read image: {e}")
                     )
@@ -212,4 +224,13 @@ def judge_run(
                 verdicts += judge.judge_batch(items)
             store.append_verdicts(judge.key, verdicts)
             bar.update(len(chunk))
+    if unreadable:
+        log.warning(
+            "%s: %d image(s) could not be read, e.g. %s; recorded as unjudged (never a refusal) "
+            "and tried again by the next judge pass. To generate them again, delete the files "
+            "and rerun the run command",
+            judge.key,
+            len(unreadable),
+            unreadable[0],
+        )
     return judge.key, len(todo)

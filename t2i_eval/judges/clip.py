@@ -8,8 +8,10 @@ Prompts longer than CLIP's 77-token context are truncated (as open_clip does) wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -29,6 +31,22 @@ def _import_open_clip() -> Any:
     except ImportError:
         raise MissingExtra("the CLIP judges", "open-clip-torch", "clip") from None
     return open_clip
+
+
+@contextlib.contextmanager
+def _quiet_download_errors() -> Iterator[None]:
+    """open_clip logs "Failed to download weights" itself before raising; our one-line error
+    says the same, so drop that log record while loading (a bad input gets one line)."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Failed to download weights")
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def image_key(image: Any) -> str:
@@ -62,9 +80,10 @@ class ClipBackend:
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
         try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, device=self.device
-            )
+            with _quiet_download_errors():
+                self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                    model, pretrained=pretrained, device=self.device
+                )
         except (RuntimeError, OSError, ValueError) as e:
             raise UserError(
                 f"CLIP model '{model}' / '{pretrained}': could not load ({str(e).splitlines()[0]})"

@@ -277,9 +277,11 @@ _DOC_KEYS = {"about", "needs"}
 
 def _component(value: Any, where: str) -> ComponentSpec:
     if isinstance(value, str):
-        name, _, model = value.strip().partition(":")
+        name, colon, model = value.strip().partition(":")
         if not name:
             raise UserError(f"{where}: empty component name")
+        if colon and not model.strip():
+            raise UserError(f"{where}: empty model after '{name}:' (give NAME or NAME:MODEL)")
         return ComponentSpec(name, {"model": model} if model else {})
     if isinstance(value, dict):
         if "name" not in value:
