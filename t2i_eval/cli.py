@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 EPILOG = """examples:
   t2i-eval run                                  built-in suite through the offline default system
@@ -22,6 +24,7 @@ EPILOG = """examples:
   t2i-eval run --system concept --out outputs/concept && t2i-eval sweep outputs/concept --target 0.9
   t2i-eval triggers outputs/concept                 which words make the guard refuse benign prompts
   t2i-eval rewrite outputs/concept --rewriter rule --all   rewriting as mitigation, scored
+  t2i-eval explore outputs                          browse runs side by side (127.0.0.1)
   t2i-eval list
 """
 
@@ -41,7 +44,7 @@ def _threads(n: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .judges import judge_run
+    from .judges import judge_run, load_spec
     from .report import write_report
     from .runner import run
     from .suites import load_suite
@@ -54,6 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     spec = parse_system(args.system)
     ref_spec = parse_system(args.reference) if args.reference else None
+    judges = list(args.judge or [])
+    kinds = [load_spec(j, clip=args.clip)["kind"] for j in judges]  # bad names fail before work
+    if ref_spec is not None and "sanitization" not in kinds:
+        judges.insert(0, "sanitization")
     common = dict(
         compile_unet=args.compile,
         seeds=args.seeds,
@@ -69,11 +76,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run(suite, spec, out=args.out, **common)
     if result.rank != 0:
         return 0  # rank 0 judges and reports for the whole multi-process run
-    from .judges import load_spec
-
-    judges = list(args.judge or [])
-    if ref_result is not None and not any(load_spec(j)["kind"] == "sanitization" for j in judges):
-        judges.insert(0, "sanitization")
     for ref in judges:
         judge_run(
             result.run_dir,
@@ -105,6 +107,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    if (
+        args.html
+        and args.html_out
+        and os.path.exists(args.html_out)
+        and not os.path.isdir(args.html_out)
+    ):
+        raise UserError(f"--html-out {args.html_out}: exists and is not a folder")
     for run_dir in args.run_dirs:
         text = write_report(run_dir)
         if not args.html:
@@ -142,6 +151,8 @@ def cmd_triggers(args: argparse.Namespace) -> int:
     from .store import RunStore, atomic_write_json
     from .triggers import find_triggers, predictor_section, refusal_predictor, triggers_section
 
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1 (got {args.top})")
     result = find_triggers(args.run_dir, guards=args.guard, progress=not args.quiet)
     predictor = refusal_predictor(args.run_dir)
     atomic_write_json(RunStore(args.run_dir).root / "triggers" / "predictor.json", predictor)
@@ -155,6 +166,8 @@ def cmd_triggers(args: argparse.Namespace) -> int:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from .mitigation import run_rewrite
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     linked, text = run_rewrite(
         args.run_dir,
         args.rewriter,
@@ -171,30 +184,103 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    from .explorer_app import launch
+
+    launch(
+        args.runs_dir,
+        host=args.host,
+        port=args.port,
+        live_system=args.live_system,
+        block=True,
+    )
+    return 0
+
+
+def api_providers() -> dict[str, str]:
+    """Per API generator: its default model and the environment variable its key is read from
+    (the constructor defaults, so this list cannot drift from the code)."""
+    import inspect
+
+    from .systems import resolve
+
+    out = {}
+    for name in ("openai-images", "imagen", "fal", "http"):
+        params = inspect.signature(resolve("generator", name)).parameters
+        model = params["model"].default if "model" in params else None
+        key = params["api_key_env"].default if "api_key_env" in params else None
+        out[name] = (
+            f"model {model}; key ${key}"
+            if key
+            else "your url, headers (${VAR} for secrets), body template, image_path: see README"
+        )
+    return out
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .judges import builtin_judges, load_spec
     from .suites import builtin_suites, load_suite
     from .systems import GENERATORS, IMAGE_GUARDS, PRESETS, PROMPT_GUARDS
+    from .systems.spec import preset_needs
 
     print("suites (built-in; or a .jsonl/.csv/.json path, or hf://owner/name[:config]):")
     for name in builtin_suites():
         s = load_suite(name)
-        print(f"  {name:<12} version {s.version or '-'}, {len(s)} prompts")
+        print(f"  {name:<14} version {s.version or '-'}, {len(s)} prompts")
     print("systems (presets; or PROMPT_GUARDS>GENERATOR[>IMAGE_GUARDS], or a YAML file):")
     for name, layout in PRESETS.items():
-        print(f"  {name:<12} {layout.get('about', '')}")
+        print(f"  {name:<14} {layout.get('about', '')}")
+        print(f"  {'':<14} needs: {preset_needs(name)}")
     print(f"prompt guards: {', '.join(PROMPT_GUARDS)}")
     print(f"generators:    {', '.join(GENERATORS)}  (diffusers:MODEL_ID_OR_FOLDER)")
     print(f"image guards:  {', '.join(IMAGE_GUARDS)}")
+    print("image API providers (generator: default model; key variable, never written to disk):")
+    for name, line in api_providers().items():
+        print(f"  {name:<14} {line}")
     print("judges (judges/*.yaml, or a YAML path):")
     for name in builtin_judges():
         spec = load_spec(name)
-        print(f"  {name}@{spec['version']:<8} {spec.get('about', '')}")
+        print(f"  {name + '@' + str(spec['version']):<16} {spec.get('about', '')}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad argument is a UserError: one line and exit code 2 like every
+    other bad input, instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        if choice and self._subparsers is not None:  # STYLE.md section 4's unknown-name message
+            commands = [c for a in self._subparsers._group_actions for c in a.choices or ()]
+            word = choice.group(1)
+            message = (
+                f"unknown command '{word}'.{did_you_mean(word, commands)} "
+                f"Available: {', '.join(commands)}"
+            )
+        raise UserError(_where(self) + f"{message} (see: {self.prog} --help)")
+
+
+def _where(parser: argparse.ArgumentParser) -> str:
+    """'run: ' for a subcommand's parser, '' for the top one."""
+    name = parser.prog.removeprefix("t2i-eval").strip()
+    return f"{name}: " if name else ""
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
+    """The message for arguments no parser took, with the closest option of the command."""
+    sub = next(
+        (a.choices[command] for a in parser._subparsers._group_actions if command in a.choices),
+        parser,
+    )
+    options = [o for a in sub._actions for o in a.option_strings]
+    hint = did_you_mean(extra[0].partition("=")[0], options) if extra[0].startswith("-") else ""
+    return (
+        f"{_where(sub)}unrecognized argument(s) {' '.join(extra)}.{hint} (see: {sub.prog} --help)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="t2i-eval",
         description="Measure over-refusal in text-to-image systems, per category and per stage.",
         epilog=EPILOG,
@@ -338,6 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_rewrite)
 
+    p = sub.add_parser(
+        "explore",
+        help="side-by-side explorer of run directories in the browser (Gradio, local only)",
+        description="Serve an explorer over every run directory under RUNS_DIR. It binds to "
+        "127.0.0.1 on a free port unless told otherwise, makes no share link and serves files "
+        "from RUNS_DIR only.",
+    )
+    p.add_argument("runs_dir", nargs="?", default="outputs", metavar="RUNS_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument(
+        "--live-system",
+        default="default",
+        help="system the live tab runs a typed prompt through (default: the offline default)",
+    )
+    p.set_defaults(func=cmd_explore)
+
     p = sub.add_parser("list", help="built-in suites, systems, components and judges")
     p.set_defaults(func=cmd_list)
     return parser
@@ -346,18 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_defaults()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="t2i-eval: %(levelname)s: %(message)s",
-    )
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise UserError(_unrecognized(parser, args.command, extra))
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="t2i-eval: %(levelname)s: %(message)s",
+        )
+        if args.command is None:
+            parser.print_help()
+            return 2
         return args.func(args)
     except UserError as e:
-        print(f"t2i-eval: error: {e}", file=sys.stderr)
+        print(f"t2i-eval: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("t2i-eval: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -1,0 +1,22 @@
+"""Spaces-style entry for the explorer: `python app.py [RUNS_DIR]` (default: outputs/).
+
+A thin shell: everything lives in `t2i_eval.explorer_app`. It binds to 127.0.0.1 unless
+GRADIO_SERVER_NAME says otherwise (as Hugging Face Spaces does), serves files from RUNS_DIR only,
+and imports no torch unless the live tab runs a prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from t2i_eval.explorer_app import launch
+
+if __name__ == "__main__":
+    runs = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("T2I_EVAL_RUNS", "outputs")
+    port = os.environ.get("GRADIO_SERVER_PORT")
+    launch(
+        runs,
+        host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        port=int(port) if port else None,
+    )

@@ -1,0 +1,412 @@
+"""The explorer's data side: find runs, pair two runs row by row, filter, page and render rows.
+
+No Gradio and no torch here, so it can be tested without a browser and reused by other views.
+Rows of run A and run B are matched by (prompt, seed): the prompt is the root of its rewrite
+chain (`parent_id` or `id`), so a run and its rewritten twin (`t2i-eval rewrite`) line up as well
+as two systems on the same suite.
+
+Images are referenced by absolute path under the runs directory and served by Gradio's file route,
+which the app restricts to that directory (`allowed_paths`); `image_url` refuses anything outside
+it before a URL is ever written.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .errors import UserError
+from .report import RunData, load_run, weight_warnings
+from .stats import CATEGORIES, Table, fmt_clustered, outcome
+
+#: Outcome filter choices, in the order the explorer lists them. "refused: STAGE" picks hard
+#: refusals at that stage; the rest are outcomes as `stats.outcome` names them.
+OUTCOME_FILTERS: tuple[str, ...] = (
+    "any",
+    "complied",
+    "refused (any stage)",
+    "refused: prompt_guard",
+    "refused: generator",
+    "refused: image_guard",
+    "blocked",
+    "sanitized",
+    "unjudged",
+    "error",
+)
+#: Where an outcome filter looks: run A, run B, either, or rows where A and B differ.
+SIDES: tuple[str, ...] = ("A or B", "A", "B", "A and B differ")
+PAGE_SIZE = 20
+#: How deep below the runs directory run directories are looked for (a rewrite's linked run
+#: sits at RUN/rewrite-NAME/run).
+MAX_DEPTH = 4
+
+
+def find_runs(runs_dir: str | Path) -> list[str]:
+    """Run directories (holding a manifest.json) under `runs_dir`, as relative paths, sorted."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise UserError(f"{runs_dir}: not a directory; give the folder that holds your runs")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        if len(rel.parts) >= MAX_DEPTH:
+            dirnames[:] = []
+        dirnames[:] = sorted(d for d in dirnames if d not in ("images", "report", "generations"))
+        if "manifest.json" in filenames and rel.parts:
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
+@dataclass
+class Side:
+    """One run's view of one (prompt, seed): its outcome, deciding stage and evidence."""
+
+    record_id: str
+    outcome: str
+    """complied | refused | blocked | sanitized | unjudged | error (see `stats.outcome`)."""
+    cause: str | None
+    """The refusing stage kind (prompt_guard, generator, image_guard), blank or sanitization."""
+    decider: str = ""
+    """`stage:name` of what decided, e.g. `prompt_guard:blocklist` or `judge:blank`."""
+    score: float | None = None
+    threshold: float | None = None
+    text: str = ""
+    """The prompt text this run was given (differs from A's after rewriting)."""
+    reasons: list[str] = field(default_factory=list)
+    """Stage messages and judge reasons, in order."""
+    gen: Any = None
+    """The Generation record; `record` and `image` are derived from it only for rows shown."""
+    verdicts: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+    """The run directory the record belongs to."""
+
+    @property
+    def image(self) -> str | None:
+        """Absolute path of the stored image; None when absent or named outside its run (a
+        record naming such a path is never served)."""
+        if self.gen is None or not self.gen.image_path or self.root is None:
+            return None
+        from .store import RunStore
+
+        try:
+            return str(RunStore(self.root).resolve(self.gen.image_path))
+        except UserError:
+            return None
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The full record with its verdicts, for the click-through."""
+        if self.gen is None:
+            return {}
+        return {
+            **self.gen.to_dict(),
+            "verdicts": {k: v.to_dict() for k, v in self.verdicts.items()},
+        }
+
+
+@dataclass
+class Row:
+    key: tuple[str, int]
+    """(root prompt id, seed)."""
+    category: str
+    label: str
+    text: str
+    a: Side | None
+    b: Side | None
+
+
+@dataclass
+class RunView:
+    """A run read once: its manifest, table and one `Side` per (root prompt id, seed)."""
+
+    name: str
+    path: Path
+    data: RunData
+    sides: dict[tuple[str, int], Side]
+    prompts: dict[str, Any]
+    """root prompt id -> the Prompt (category, label, text of the original)."""
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.data.manifest
+
+    def table(self) -> Table:
+        return self.data.table()
+
+
+def _side(data: RunData, gen: Any, root: Path) -> Side:
+    rid = gen.record_id
+    blank, san, harm = (data.blank.get(rid), data.sanitization.get(rid), data.harm.get(rid))
+    out, cause = outcome(gen, blank, san)
+    side = Side(rid, out, cause)
+    reasons = [f"{d.stage}:{d.name}: {d.message}" for d in gen.decisions if d.message]
+    if gen.error:
+        reasons.append(f"error: {gen.error}")
+    if out == "refused" and gen.refused_by:
+        side.decider = gen.refused_by
+        for d in gen.decisions:
+            if f"{d.stage}:{d.name}" == gen.refused_by:
+                side.score, side.threshold = d.score, d.threshold
+    elif out in ("blocked", "sanitized"):
+        v = blank if out == "blocked" else san
+        side.decider = f"judge:{v.judge}" if v else ""
+        side.score, side.threshold = (v.score, v.threshold) if v else (None, None)
+    for kind, v in (("blank", blank), ("sanitization", san), ("harm", harm)):
+        if v is not None:
+            side.verdicts[kind] = v
+            if v.reason:
+                reasons.append(f"{kind}: {v.reason}")
+    side.reasons, side.gen, side.root = reasons, gen, root
+    return side
+
+
+def load_view(runs_dir: str | Path, name: str) -> RunView:
+    """Read run `name` (relative to `runs_dir`) once; the caller caches it."""
+    root = Path(runs_dir).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise UserError(f"{name}: not a run under {root}")
+    data = load_run(path)
+    by_id = {p.id: p for p in data.prompts}
+
+    def root_of(pid: str) -> str:
+        seen = set()
+        while pid in by_id and by_id[pid].parent_id and pid not in seen:
+            seen.add(pid)
+            pid = by_id[pid].parent_id
+        return pid
+
+    sides, prompts = {}, {}
+    for gen in data.gens.values():
+        p = by_id.get(gen.prompt_id)
+        if p is None:
+            continue
+        key = (root_of(p.id), gen.seed)
+        side = _side(data, gen, path)
+        side.text = p.text
+        sides[key] = side
+        prompts.setdefault(key[0], by_id.get(key[0], p))
+    return RunView(name, path, data, sides, prompts)
+
+
+class ViewCache:
+    """Run views keyed by name, reloaded when a run's record or verdict files change (a run
+    still in progress shows its new records on the next filter)."""
+
+    def __init__(self, runs_dir: str | Path) -> None:
+        self.runs_dir = Path(runs_dir).resolve()
+        self._views: dict[str, tuple[tuple, RunView]] = {}
+
+    def _stamp(self, name: str) -> tuple:
+        path = self.runs_dir / name
+        files = [path / "manifest.json"]
+        for sub in ("generations", "verdicts"):
+            if (path / sub).is_dir():
+                files += sorted((path / sub).iterdir())
+        return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+
+    def get(self, name: str) -> RunView:
+        stamp = self._stamp(name)
+        hit = self._views.get(name)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, load_view(self.runs_dir, name))
+            self._views[name] = hit
+        return hit[1]
+
+
+def pair_rows(a: RunView, b: RunView | None) -> list[Row]:
+    """One row per (prompt, seed) of A, plus B's rows A lacks; ordered by category then text."""
+    keys = list(a.sides) + ([k for k in b.sides if k not in a.sides] if b else [])
+    rows = []
+    for key in keys:
+        p = a.prompts.get(key[0]) or (b.prompts.get(key[0]) if b else None)
+        if p is None:
+            continue
+        rows.append(
+            Row(key, p.category, p.label, p.text, a.sides.get(key), b.sides.get(key) if b else None)
+        )
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    rows.sort(key=lambda r: (order.get(r.category, len(order)), r.category, r.text, r.key[1]))
+    return rows
+
+
+def _matches(side: Side | None, wanted: str) -> bool:
+    if side is None:
+        return False
+    if wanted == "any":
+        return True
+    if wanted == "refused (any stage)":
+        return side.outcome == "refused"
+    if wanted.startswith("refused: "):
+        return side.outcome == "refused" and side.cause == wanted.removeprefix("refused: ")
+    return side.outcome == wanted
+
+
+def _refused(side: Side | None) -> bool | None:
+    if side is None or side.outcome in ("error", "unjudged"):
+        return None
+    return side.outcome != "complied"
+
+
+def filter_rows(
+    rows: list[Row],
+    category: str = "all",
+    label: str = "all",
+    wanted: str = "any",
+    side: str = "A or B",
+    text: str = "",
+) -> list[Row]:
+    """Rows matching every filter. `side` says where `wanted` must hold; "A and B differ" keeps
+    rows where one run refused and the other did not (then `wanted` narrows either side)."""
+    if wanted not in OUTCOME_FILTERS:
+        raise UserError(f"outcome filter {wanted!r}: expected one of {', '.join(OUTCOME_FILTERS)}")
+    if side not in SIDES:
+        raise UserError(f"side {side!r}: expected one of {', '.join(SIDES)}")
+    needle = text.strip().lower()
+    out = []
+    for r in rows:
+        if category != "all" and r.category != category:
+            continue
+        if label != "all" and r.label != label:
+            continue
+        if (
+            needle
+            and needle not in r.text.lower()
+            and not any(s is not None and needle in s.text.lower() for s in (r.a, r.b))
+        ):
+            continue
+        if side == "A":
+            ok = _matches(r.a, wanted)
+        elif side == "B":
+            ok = _matches(r.b, wanted)
+        elif side == "A or B":
+            ok = _matches(r.a, wanted) or _matches(r.b, wanted)
+        else:
+            ra, rb = _refused(r.a), _refused(r.b)
+            ok = ra is not None and rb is not None and ra != rb
+            ok = ok and (_matches(r.a, wanted) or _matches(r.b, wanted))
+        if ok:
+            out.append(r)
+    return out
+
+
+def page_of(rows: list[Row], page: int, size: int = PAGE_SIZE) -> tuple[list[Row], int, int]:
+    """(rows of page `page` (1-based, clamped), the clamped page, number of pages)."""
+    pages = max(1, -(-len(rows) // size))
+    page = min(max(1, int(page)), pages)
+    return rows[(page - 1) * size : page * size], page, pages
+
+
+# rendering ---------------------------------------------------------------------------------------
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def image_url(path: str | None, runs_dir: Path) -> str | None:
+    """The URL Gradio serves `path` at, or None when it is not a file under `runs_dir`."""
+    if not path:
+        return None
+    p = Path(path).resolve()
+    if not p.is_relative_to(runs_dir.resolve()) or not p.is_file():
+        return None
+    return "gradio_api/file=" + quote(str(p))
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _cell(side: Side | None, runs_dir: Path) -> str:
+    if side is None:
+        return "<td class='na'>not in this run</td>"
+    url = image_url(side.image, runs_dir)
+    img = (
+        f"<img loading='lazy' width='128' height='128' src='{_e(url)}' alt='image'>"
+        if url
+        else "<div class='noimg'>no image</div>"
+    )
+    label = side.outcome if side.outcome != "refused" else f"refused ({side.cause})"
+    why = (
+        f"<div class='decider'>{_e(side.decider)} score {_num(side.score)} "
+        f"/ threshold {_num(side.threshold)}</div>"
+        if side.decider
+        else ""
+    )
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in side.reasons[:6])
+    return (
+        f"<td class='side'>{img}<div class='outcome o-{_e(side.outcome)}'>{_e(label)}</div>{why}"
+        f"<ul class='reasons'>{reasons}</ul></td>"
+    )
+
+
+def _details(r: Row, a: RunView, b: RunView | None) -> str:
+    full = {"A": r.a.record if r.a else None}
+    if b is not None:
+        full["B"] = r.b.record if r.b else None
+    if r.b is not None and r.a is not None and r.b.text != r.a.text:
+        full["B prompt"] = r.b.text
+    return (
+        "<details class='record'><summary>full record</summary>"
+        f"<pre>{_e(json.dumps(full, indent=1, ensure_ascii=False, default=str))}</pre></details>"
+    )
+
+
+def render_rows(
+    rows: list[Row], a: RunView, b: RunView | None, runs_dir: str | Path, total: int
+) -> str:
+    """One page of rows as an HTML table: prompt, image A, image B, deciding stage, reasons."""
+    root = Path(runs_dir)
+    head = f"<th>run A: {_e(a.name)}</th>" + (f"<th>run B: {_e(b.name)}</th>" if b else "")
+    body = []
+    for r in rows:
+        b_cell = _cell(r.b, root) if b else ""
+        text = r.a.text if r.a else r.text
+        body.append(
+            f"<tr class='row' data-key='{_e(r.key[0])}:{r.key[1]}'>"
+            f"<td class='prompt'><div class='text'>{_e(text)}</div>"
+            f"<div class='meta'>{_e(r.category)} · {_e(r.label)} · seed {r.key[1]}</div>"
+            f"{_details(r, a, b)}</td>{_cell(r.a, root)}{b_cell}</tr>"
+        )
+    if not body:
+        return f"<p class='empty'>No row matches these filters ({total} rows in all).</p>"
+    return (
+        f"<table class='rows'><thead><tr><th>prompt</th>{head}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def summary_rows(view: RunView) -> list[list[str]]:
+    """Per category: benign over-refusal and unsafe refusal as `rate (k / n) [CI]`, the interval
+    clustering seeds within prompts as the report does."""
+    table = view.table()
+    out = []
+    for cat in table.categories:
+        b, u = table.cell(cat, "benign"), table.cell(cat, "unsafe")
+        out.append([view.name, cat, fmt_clustered(b.refusal), fmt_clustered(u.refusal)])
+    b, u = table.micro("benign"), table.micro("unsafe")
+    out.append([view.name, "all (micro)", fmt_clustered(b.refusal), fmt_clustered(u.refusal)])
+    return out
+
+
+def run_facts(view: RunView) -> str:
+    """The manifest facts a reader needs next to the rows: system, suite, status, warnings."""
+    m = view.manifest
+    warn = weight_warnings(m)
+    comps = ", ".join(
+        f"{c.get('stage')}:{c.get('name')} ({c.get('weights', '?')} weights)"
+        for c in m.get("components", [])
+    )
+    parts = [
+        f"<b>{_e(view.name)}</b>: system <code>{_e(m.get('system', {}).get('name', '?'))}</code>, "
+        f"suite <code>{_e(m.get('suite', {}).get('name', '?'))}</code>, "
+        f"status {_e(m.get('status', '?'))}, {len(view.sides)} records",
+        f"components: {_e(comps) or '-'}",
+    ]
+    if warn:
+        parts.append("<span class='warn'>" + _e("; ".join(warn)) + "</span>")
+    return "<div class='facts'>" + "<br>".join(parts) + "</div>"
