@@ -10,13 +10,26 @@ from __future__ import annotations
 import os
 import sys
 
+from t2i_eval.errors import UserError
 from t2i_eval.explorer_app import launch
 
-if __name__ == "__main__":
+
+def main() -> int:
     runs = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("T2I_EVAL_RUNS", "outputs")
-    port = os.environ.get("GRADIO_SERVER_PORT")
-    launch(
-        runs,
-        host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        port=int(port) if port else None,
-    )
+    port = os.environ.get("GRADIO_SERVER_PORT", "")
+    try:
+        if port and not port.isdigit():
+            raise UserError(f"GRADIO_SERVER_PORT={port!r}: expected a port number")
+        launch(
+            runs,
+            host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+            port=int(port) if port else None,
+        )
+    except UserError as e:
+        print(f"app.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -382,6 +382,34 @@ def _design(r: ClusteredRate) -> str:
     return f"{r.deff:.2f} ({icc}), n_eff {r.n_eff:.1f}"
 
 
+def _mean_probability(cell: Cell) -> str:
+    """Mean over prompts of each prompt's refused / judged seeds: equals the record rate when
+    every prompt has the same number of judged seeds, and weighs prompts equally when not."""
+    ps = [c.refused / c.n for c in cell.per_prompt.values() if c.n]
+    return f"{100 * sum(ps) / len(ps):.1f}% ({len(ps)} prompts)" if ps else "n/a"
+
+
+def per_prompt_rows(table: Table) -> list[dict[str, Any]]:
+    """One row per prompt: its judged seeds, refused seeds and refusal probability
+    (report/per_prompt.csv), so per-prompt analyses need not re-read the records."""
+    rows = []
+    for (category, label), cell in sorted(table.cells.items()):
+        for pid, c in sorted(cell.per_prompt.items()):
+            rows.append(
+                {
+                    "prompt_id": pid,
+                    "category": category,
+                    "label": label,
+                    "seeds_judged": c.n,
+                    "seeds_refused": c.refused,
+                    "p_refused": round(c.refused / c.n, 6) if c.n else "",
+                    "errors": c.errors,
+                    "unjudged": c.unjudged,
+                }
+            )
+    return rows
+
+
 def seeds_section(table: Table) -> str:
     """Several seeds per prompt: how each prompt's refusals split over its seeds, and the design
     effect that widens each interval above."""
@@ -397,8 +425,8 @@ def seeds_section(table: Table) -> str:
         "over records as if every seed were independent, for comparison.",
         "",
         "| category | label | refused on every seed | on some seeds (flaky) | on none "
-        "| design effect | refusal, Wilson over records |",
-        "|---|---|---|---|---|---|---|",
+        "| mean P(refused) per prompt | design effect | refusal, Wilson over records |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     slices = [(c, lab, table.cell(c, lab)) for c in table.categories for lab in LABELS]
     slices += [("**all (micro)**", lab, table.micro(lab)) for lab in LABELS]
@@ -409,7 +437,8 @@ def seeds_section(table: Table) -> str:
         lines.append(
             f"| {name} | {lab} | {fmt_rate(sh.always, sh.prompts)} | "
             f"{fmt_rate(sh.sometimes, sh.prompts)} | {fmt_rate(sh.never, sh.prompts)} | "
-            f"{_design(cell.refusal)} | {fmt_rate(cell.refused, cell.n)} |"
+            f"{_mean_probability(cell)} | {_design(cell.refusal)} | "
+            f"{fmt_rate(cell.refused, cell.n)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -542,4 +571,11 @@ def write_report(run_dir: str | Path) -> str:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out / "per_category.csv", buf.getvalue().encode("utf-8"))
+    buf = io.StringIO()
+    prompt_rows = per_prompt_rows(table)
+    fields = list(prompt_rows[0]) if prompt_rows else ["prompt_id"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(prompt_rows)
+    atomic_write_bytes(out / "per_prompt.csv", buf.getvalue().encode("utf-8"))
     return text

@@ -308,6 +308,19 @@ def test_cli_seeds_end_to_end(tmp_path, capsys):
     )
     assert float(refusal["ci_low"]) == pytest.approx(benign.ci[0], abs=1e-6)
 
+    # refusal as a per-prompt probability: one row per prompt, and their mean in the report
+    per_prompt = list(csv.DictReader((out / "report" / "per_prompt.csv").open()))
+    assert len(per_prompt) == len(things)
+    for lab, counts in expected.items():
+        got = sorted(
+            (int(r["seeds_refused"]), int(r["seeds_judged"]), float(r["p_refused"]))
+            for r in per_prompt
+            if r["label"] == lab
+        )
+        assert got == sorted((k, n, round(k / n, 6)) for k, n in counts)
+    mean_benign = sum(k / n for k, n in expected["benign"]) / len(expected["benign"])
+    assert f"| {100 * mean_benign:.1f}% ({len(expected['benign'])} prompts) |" in report
+
     pytest.importorskip("matplotlib")
     assert main(["report", str(out), "--html"]) == 0
     page = (out / "report" / "html" / "index.html").read_text()
