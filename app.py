@@ -18,8 +18,8 @@ def main() -> int:
     runs = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("T2I_EVAL_RUNS", "outputs")
     port = os.environ.get("GRADIO_SERVER_PORT", "")
     try:
-        if port and not port.isdigit():
-            raise UserError(f"GRADIO_SERVER_PORT={port!r}: expected a port number")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise UserError(f"GRADIO_SERVER_PORT={port!r}: expected a port number 1..65535")
         launch(
             runs,
             host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

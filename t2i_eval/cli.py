@@ -191,7 +191,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
         args.runs_dir,
         host=args.host,
         port=args.port,
-        live_system=args.live_system,
+        live_systems=args.live_system,
         block=True,
     )
     return 0
@@ -436,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     p.add_argument(
         "--live-system",
-        default="default",
-        help="system the live tab runs a typed prompt through (default: the offline default)",
+        action="append",
+        default=None,
+        metavar="SYSTEM",
+        help="a system the live tab may run (repeat for several; default: the offline default). "
+        "Visitors pick from these only",
     )
     p.set_defaults(func=cmd_explore)
 

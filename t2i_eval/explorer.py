@@ -84,6 +84,8 @@ class Side:
     verdicts: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None
     """The run directory the record belongs to."""
+    weights: dict[str, str] = field(default_factory=dict)
+    """`stage:name` -> the run's component weights (pretrained, random, fake, rules, api)."""
 
     @property
     def image(self) -> str | None:
@@ -106,6 +108,7 @@ class Side:
         return {
             **self.gen.to_dict(),
             "verdicts": {k: v.to_dict() for k, v in self.verdicts.items()},
+            "component_weights": self.weights,
         }
 
 
@@ -181,6 +184,10 @@ def load_view(runs_dir: str | Path, name: str) -> RunView:
             pid = by_id[pid].parent_id
         return pid
 
+    weights = {
+        f"{c.get('stage')}:{c.get('name')}": str(c.get("weights", "?"))
+        for c in data.manifest.get("components", [])
+    }
     sides, prompts = {}, {}
     for gen in data.gens.values():
         p = by_id.get(gen.prompt_id)
@@ -188,7 +195,7 @@ def load_view(runs_dir: str | Path, name: str) -> RunView:
             continue
         key = (root_of(p.id), gen.seed)
         side = _side(data, gen, path)
-        side.text = p.text
+        side.text, side.weights = p.text, weights
         sides[key] = side
         prompts.setdefault(key[0], by_id.get(key[0], p))
     return RunView(name, path, data, sides, prompts)
@@ -198,8 +205,10 @@ class ViewCache:
     """Run views keyed by name, reloaded when a run's record or verdict files change (a run
     still in progress shows its new records on the next filter)."""
 
-    def __init__(self, runs_dir: str | Path) -> None:
+    def __init__(self, runs_dir: str | Path, keep: int = 4) -> None:
         self.runs_dir = Path(runs_dir).resolve()
+        self.keep = keep
+        """Run views kept in memory (least recently used dropped first)."""
         self._views: dict[str, tuple[tuple, RunView]] = {}
 
     def _stamp(self, name: str) -> tuple:
@@ -208,14 +217,23 @@ class ViewCache:
         for sub in ("generations", "verdicts"):
             if (path / sub).is_dir():
                 files += sorted((path / sub).iterdir())
-        return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+        stamp = []
+        for f in files:
+            try:  # a temp file of an atomic write may vanish between listing and stat
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            stamp.append((f.name, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
 
     def get(self, name: str) -> RunView:
         stamp = self._stamp(name)
-        hit = self._views.get(name)
+        hit = self._views.pop(name, None)
         if hit is None or hit[0] != stamp:
             hit = (stamp, load_view(self.runs_dir, name))
-            self._views[name] = hit
+        self._views[name] = hit  # most recently used last
+        while len(self._views) > self.keep:
+            self._views.pop(next(iter(self._views)))
         return hit[1]
 
 
@@ -321,7 +339,9 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-def _cell(side: Side | None, runs_dir: Path) -> str:
+def _cell(side: Side | None, runs_dir: Path, text: str = "") -> str:
+    """One run's cell; `text` is the row's prompt, so a rewritten prompt is shown where it
+    differs."""
     if side is None:
         return "<td class='na'>not in this run</td>"
     url = image_url(side.image, runs_dir)
@@ -331,23 +351,40 @@ def _cell(side: Side | None, runs_dir: Path) -> str:
         else "<div class='noimg'>no image</div>"
     )
     label = side.outcome if side.outcome != "refused" else f"refused ({side.cause})"
+    mark = " (RANDOM weights)" if "random" in side.weights.get(side.decider, "") else ""
     why = (
-        f"<div class='decider'>{_e(side.decider)} score {_num(side.score)} "
+        f"<div class='decider'>{_e(side.decider)}{mark} score {_num(side.score)} "
         f"/ threshold {_num(side.threshold)}</div>"
         if side.decider
         else ""
     )
+    asked = f"<div class='ptext'>prompt here: {_e(side.text)}</div>" if side.text != text else ""
     reasons = "".join(f"<li>{_e(r)}</li>" for r in side.reasons[:6])
     return (
-        f"<td class='side'>{img}<div class='outcome o-{_e(side.outcome)}'>{_e(label)}</div>{why}"
+        f"<td class='side'>{img}{asked}<div class='outcome o-{_e(side.outcome)}'>{_e(label)}</div>{why}"
         f"<ul class='reasons'>{reasons}</ul></td>"
     )
 
 
+def _facts(view: RunView) -> dict[str, Any]:
+    """The manifest facts a single record is read against."""
+    m = view.manifest
+    return {
+        "run": view.name,
+        "system": m.get("system", {}).get("name"),
+        "suite": m.get("suite", {}).get("name"),
+        "status": m.get("status"),
+        "warnings": weight_warnings(m),
+    }
+
+
 def _details(r: Row, a: RunView, b: RunView | None) -> str:
-    full = {"A": r.a.record if r.a else None}
+    """The click-through: every stage decision with raw scores, the verdicts, the components'
+    weights and the run's manifest facts, for A and B."""
+    full: dict[str, Any] = {"A": r.a.record if r.a else None, "A run": _facts(a)}
     if b is not None:
         full["B"] = r.b.record if r.b else None
+        full["B run"] = _facts(b)
     if r.b is not None and r.a is not None and r.b.text != r.a.text:
         full["B prompt"] = r.b.text
     return (
@@ -364,13 +401,13 @@ def render_rows(
     head = f"<th>run A: {_e(a.name)}</th>" + (f"<th>run B: {_e(b.name)}</th>" if b else "")
     body = []
     for r in rows:
-        b_cell = _cell(r.b, root) if b else ""
         text = r.a.text if r.a else r.text
+        b_cell = _cell(r.b, root, text) if b else ""
         body.append(
             f"<tr class='row' data-key='{_e(r.key[0])}:{r.key[1]}'>"
             f"<td class='prompt'><div class='text'>{_e(text)}</div>"
             f"<div class='meta'>{_e(r.category)} · {_e(r.label)} · seed {r.key[1]}</div>"
-            f"{_details(r, a, b)}</td>{_cell(r.a, root)}{b_cell}</tr>"
+            f"{_details(r, a, b)}</td>{_cell(r.a, root, text)}{b_cell}</tr>"
         )
     if not body:
         return f"<p class='empty'>No row matches these filters ({total} rows in all).</p>"

@@ -125,16 +125,14 @@ def summary_chart(views: list[RunView]) -> Any:
     """Grouped bars per category: benign over-refusal and unsafe refusal of A (and B), with
     Wilson intervals as error bars."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global state across requests
     except ImportError:
         return None
     tables = [(v.name, v.table()) for v in views]
     cats = [c for c in CATEGORIES if any(c in t.categories for _, t in tables)]
     cats += sorted({c for _, t in tables for c in t.categories} - set(CATEGORIES))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), sharey=True)
+    fig = Figure(figsize=(12, 3.6))
+    axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / max(len(tables), 1)
     for ax, label, title in zip(
         axes, ("benign", "unsafe"), ("benign over-refusal", "unsafe refusal"), strict=True
@@ -153,16 +151,28 @@ def summary_chart(views: list[RunView]) -> Any:
     axes[0].set_ylabel("share refused (95% Wilson CI)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
 class LiveRunner:
-    """Runs one typed prompt through a system for the live tab. Systems are built on first use
-    and kept (building loads models); torch is imported only here."""
+    """Runs one typed prompt through one of the systems the owner allowed at launch.
 
-    def __init__(self) -> None:
-        self._systems: dict[str, Any] = {}
+    Visitors pick from that list only (checked here, on the server, since Gradio's API can be
+    called directly): a free-text system would let anyone who reaches the page load any model,
+    spend the owner's API keys, or send environment variables to a URL of their choosing through
+    an `http` spec. The most recently used system is kept built (building loads models); torch is
+    imported only here.
+    """
+
+    def __init__(self, allowed: list[str]) -> None:
+        from .systems import parse_system, validate_spec
+
+        if not allowed:
+            raise UserError("the live tab needs at least one system (--live-system)")
+        for ref in allowed:  # a typo fails at start-up, not at a visitor's first click
+            validate_spec(parse_system(ref))
+        self.allowed = list(dict.fromkeys(allowed))
+        self._built: tuple[str, Any] | None = None
         self._lock = threading.Lock()
 
     def run(self, prompt: str, system: str, seed: float | None) -> str:
@@ -173,11 +183,13 @@ class LiveRunner:
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("type a prompt first")
-        spec = parse_system(system or "default")
+        if system not in self.allowed:
+            raise UserError(f"system {system!r} is not offered here ({', '.join(self.allowed)})")
         with self._lock:  # one generation at a time: models are not thread-safe
-            if spec.digest not in self._systems:
-                self._systems[spec.digest] = build_system(spec)
-            sys_ = self._systems[spec.digest]
+            if self._built is None or self._built[0] != system:
+                self._built = None  # free the previous system's models first
+                self._built = (system, build_system(parse_system(system)))
+            sys_ = self._built[1]
             seed_i = int(seed or 0)
             (res,) = sys_.run([WorkItem(content_id(prompt, str(seed_i)), "live", prompt, seed_i)])
         return live_html(res, sys_)
@@ -217,15 +229,16 @@ def live_html(res: Any, system: Any) -> str:
     )
 
 
-def build_app(runs_dir: str | Path, live_system: str = "default") -> Any:
-    """The Gradio Blocks of the explorer (not launched)."""
+def build_app(runs_dir: str | Path, live_systems: list[str] | None = None) -> Any:
+    """The Gradio Blocks of the explorer (not launched). `live_systems`: what the live tab may
+    run (default: the offline `default`)."""
     gr = _gradio()
     ex = Explorer(runs_dir)
-    live = LiveRunner()
+    live = LiveRunner(live_systems or ["default"])
     runs = ex.runs()
     first = runs[0] if runs else None
 
-    with gr.Blocks(title="t2i-eval explorer") as demo:
+    with gr.Blocks(title="t2i-eval explorer", analytics_enabled=False) as demo:
         gr.Markdown(
             f"## t2i-eval explorer\nRuns under `{ex.runs_dir}` ({len(runs)} found). Rows of A and B "
             "are matched by prompt and seed."
@@ -261,12 +274,15 @@ def build_app(runs_dir: str | Path, live_system: str = "default") -> Any:
                 )
         with gr.Tab("Live"):
             gr.Markdown(
-                "Type a prompt and run it through a system: each stage's decision and the image. "
-                f"The default system (`{live_system}`) is offline; `tiny` parts have RANDOM weights."
+                "Type a prompt and run it through one of the systems this explorer was started "
+                "with (`--live-system`): each stage's decision, with its component's weights "
+                "(`random` = a random-weight stand-in), and the image."
             )
             with gr.Row():
                 live_prompt = gr.Textbox(label="prompt", elem_id="live-prompt", scale=3)
-                live_sys = gr.Textbox(live_system, label="system", elem_id="live-system")
+                live_sys = gr.Dropdown(
+                    live.allowed, value=live.allowed[0], label="system", elem_id="live-system"
+                )
                 live_seed = gr.Number(0, label="seed", precision=0, elem_id="live-seed")
             live_go = gr.Button("run", variant="primary", elem_id="live-run")
             live_out = gr.HTML(elem_id="live-out")
@@ -335,32 +351,51 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _blocked_folders() -> list[Path]:
+    """Folders Gradio serves besides `allowed_paths` (its upload folder, shared by every Gradio
+    app on the machine, and the examples cache): blocked, so only RUNS_DIR is served."""
+    from gradio import utils as gu
+
+    return [Path(gu.get_upload_folder()).resolve(), Path(gu.get_cache_folder()).resolve()]
+
+
 def launch(
     runs_dir: str | Path,
     host: str = "127.0.0.1",
     port: int | None = None,
-    live_system: str = "default",
+    live_systems: list[str] | None = None,
     block: bool = True,
 ) -> tuple[Any, str]:
     """Serve the explorer; returns (blocks, url). With `block` it serves until Ctrl-C."""
     gr = _gradio()
-    demo = build_app(runs_dir, live_system)
     if port is not None and not 0 < port < 65536:
         raise UserError(f"--port {port}: expected 1..65535")
-    port = port or free_port(host)
+    if ":" in host:
+        raise UserError(f"--host {host}: IPv6 literals are not supported; use 127.0.0.1")
+    demo = build_app(runs_dir, live_systems)
+    runs = Path(demo.t2i_runs_dir)
+    blocked = _blocked_folders()
+    if any(runs.is_relative_to(b) or b.is_relative_to(runs) for b in blocked):
+        raise UserError(
+            f"{runs}: overlaps Gradio's upload or cache folder ({', '.join(map(str, blocked))}); "
+            "keep runs elsewhere"
+        )
     if host not in LOOPBACK:
         print(
             f"explorer: WARNING: serving on {host}: anyone who can reach this machine can read "
-            f"the runs under {demo.t2i_runs_dir}"
+            f"the runs under {runs} and run the live tab's systems"
         )
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     try:
+        port = port or free_port(host)
         _, url, _ = demo.launch(
             server_name=host,
             server_port=port,
             share=False,
             prevent_thread_lock=True,
-            allowed_paths=[str(demo.t2i_runs_dir)],
+            allowed_paths=[str(runs)],
+            blocked_paths=[str(b) for b in blocked],
+            max_file_size=0,  # the explorer takes no uploads
             quiet=True,
             ssr_mode=False,
             mcp_server=False,
@@ -369,9 +404,9 @@ def launch(
             theme=theme,
             css=CSS,
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"explorer: cannot serve on {host}:{port} ({e})") from None
-    print(f"explorer: {url} (runs from {demo.t2i_runs_dir}; Ctrl-C to stop)", flush=True)
+    print(f"explorer: {url} (runs from {runs}; Ctrl-C to stop)", flush=True)
     if block:
         try:
             demo.block_thread()

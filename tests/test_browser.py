@@ -44,7 +44,12 @@ def _browser():
         if os.environ.get("T2I_EVAL_REQUIRE_BROWSER") == "1":
             pytest.fail(f"T2I_EVAL_REQUIRE_BROWSER=1 but no chromium at {CHROMIUM}")
         pytest.skip("no chromium (apt-get install chromium) for browser tests")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if os.environ.get("T2I_EVAL_REQUIRE_BROWSER") == "1":
+            pytest.fail("T2I_EVAL_REQUIRE_BROWSER=1 but the playwright package is missing")
+        pytest.skip("playwright is not installed (the [dev] extra)")
     return sync_api
 
 
@@ -92,7 +97,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def explorer(runs: Path, browser):
     from t2i_eval.explorer_app import launch
 
-    demo, url = launch(runs, block=False, live_system="fake")
+    demo, url = launch(runs, block=False, live_systems=["fake", "blocklist>fake"])
     yield url
     demo.close()
 
@@ -147,8 +152,9 @@ def test_explorer_pairs_filters_and_shows_images_and_verdicts(explorer, browser,
     page.click("#rows tr.row >> nth=0 >> summary")
     record = page.inner_text("#rows tr.row >> nth=0 >> details pre")
     assert '"decisions"' in record and '"raw"' in record and '"verdicts"' in record
+    assert "has content" in record and '"component_weights"' in record  # a real verdict
 
-    # outcome filter on B only, then text search
+    # outcome filter where A and B differ, then text search
     _pick(page, "f-outcome", "refused (any stage)")
     _pick(page, "f-side", "A and B differ")
     page.wait_for_function(
@@ -161,6 +167,7 @@ def test_explorer_pairs_filters_and_shows_images_and_verdicts(explorer, browser,
         timeout=30_000,
     )
     assert "suicide prevention" in page.inner_text("#rows")
+    page.wait_for_timeout(300)  # let the last update paint before the screenshot
     page.screenshot(path=str(shots / "explorer.png"), full_page=True)
     assert not outside, f"the page fetched outside addresses: {outside}"
     page.close()
@@ -180,6 +187,22 @@ def test_explorer_serves_only_the_runs_directory(explorer, browser, runs):
     assert status(f"{runs}/plain/../../secret.txt") in (403, 404)
     assert status("/etc/passwd") in (403, 404)
     assert status(Path(__file__)) in (403, 404)  # the working tree is not served either
+    # Gradio's own upload folder (shared by every Gradio app here) is blocked, uploads refused
+    from gradio import utils as gu
+
+    upload_dir = Path(gu.get_upload_folder())
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    planted = upload_dir / "t2i-eval-test-planted.txt"
+    planted.write_text("someone else's upload")
+    try:
+        assert status(planted) in (403, 404)
+    finally:
+        planted.unlink()
+    up = page.request.post(
+        explorer + "gradio_api/upload",
+        multipart={"files": {"name": "x.yaml", "mimeType": "text/plain", "buffer": b"a: 1"}},
+    )
+    assert up.status in (400, 413), up.status
     page.close()
 
 
@@ -187,8 +210,10 @@ def test_live_tab_shows_each_stage_and_the_image(explorer, browser, shots):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto(explorer)
     page.wait_for_selector("#rows table.rows", timeout=60_000)
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if "127.0.0.1" not in r.url else None)
     page.click("button[role=tab]:has-text('Live')")
-    page.fill("#live-system textarea", "fake")
+    assert page.input_value("#live-system input") == "fake"  # the first allowed system
     page.fill("#live-prompt textarea", "a red apple on a table")
     page.click("#live-run")
     page.wait_for_selector("#live-out img.live-image", timeout=60_000)
@@ -196,6 +221,17 @@ def test_live_tab_shows_each_stage_and_the_image(explorer, browser, shots):
     assert "delivered" in out and "generator" in out
     assert page.eval_on_selector("#live-out img.live-image", "i => i.naturalWidth") > 0
     page.screenshot(path=str(shots / "live.png"), full_page=True)
+    # the API behind the tab runs only the systems the owner allowed
+    call = page.request.post(
+        explorer + "gradio_api/call/run_live", data={"data": ["a cat", "evil.yaml", 0]}
+    )
+    if call.ok:  # Gradio answers with an event id; the result stream carries the error
+        event = call.json()["event_id"]
+        result = page.request.get(explorer + f"gradio_api/call/run_live/{event}").text()
+        # refused by the dropdown's own choice check or, behind it, by LiveRunner's allow-list
+        assert result.startswith("event: error"), result
+        assert "not in the list of choices" in result or "not offered here" in result
+    assert not outside, f"the page fetched outside addresses: {outside}"
     page.close()
 
 

@@ -190,6 +190,10 @@ def test_app_imports_no_torch_until_the_live_tab_runs(tmp_path):
         "import sys, runpy; sys.argv = ['app.py']\n"
         "from t2i_eval.explorer_app import build_app\n"
         f"demo = build_app({str(runs)!r})\n"
+        "from t2i_eval.explorer_app import Explorer\n"
+        f"ex = Explorer({str(runs)!r})\n"
+        "ex.page('r', None, 'all', 'all', 'any', 'A or B', '', 1)\n"
+        "ex.summary('r', None)\n"
         "ns = runpy.run_path('app.py', run_name='not_main')\n"
         "print('torch' in sys.modules)\n"
     )
@@ -204,12 +208,19 @@ def test_app_imports_no_torch_until_the_live_tab_runs(tmp_path):
 def test_live_runner_runs_the_tiny_default_offline():
     from t2i_eval.explorer_app import LiveRunner
 
-    html = LiveRunner().run("a red apple on a table", "default", 3)
+    live = LiveRunner(["default"])
+    html = live.run("a red apple on a table", "default", 3)
     assert "prompt_guard" in html and "blocklist" in html and "safety_checker" in html
     assert "tiny (random)" in html  # random weights are marked
     assert "data:image/png;base64," in html  # the image is sent inline, no file is served
     with pytest.raises(UserError, match="type a prompt"):
-        LiveRunner().run("  ", "default", 0)
+        live.run("  ", "default", 0)
+    # visitors run only what the owner allowed: no YAML path, no other system
+    for other in ("fake", "evil.yaml", "http", "diffusers:some/model"):
+        with pytest.raises(UserError, match="not offered here"):
+            live.run("a cat", other, 0)
+    with pytest.raises(UserError, match="Unknown generator"):
+        LiveRunner(["nonesuch"])  # a typo fails at start-up
 
 
 def test_explore_cli_bad_input_is_one_line(tmp_path, capsys):
@@ -217,8 +228,24 @@ def test_explore_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a directory" in err[0]
     (tmp_path / "runs").mkdir()
-    assert main(["explore", str(tmp_path / "runs"), "--port", "70000"]) == 2
-    assert "--port 70000" in capsys.readouterr().err
+    for args, says in (
+        (["--port", "70000"], "--port 70000"),
+        (["--host", "bogus.invalid"], "cannot serve on bogus.invalid"),
+        (["--host", "::1"], "IPv6"),
+        (["--live-system", "nonesuch"], "Unknown generator"),
+    ):
+        assert main(["explore", str(tmp_path / "runs"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+
+
+def test_app_has_no_analytics_and_no_share(tmp_path):
+    from t2i_eval.explorer_app import build_app
+
+    (tmp_path / "runs").mkdir()
+    demo = build_app(tmp_path / "runs")
+    assert demo.analytics_enabled is False
+    assert not getattr(demo, "share", False)
 
 
 def test_summary_rows_carry_intervals(tmp_path):
