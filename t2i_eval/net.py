@@ -19,14 +19,15 @@ import http.client
 import ipaddress
 import logging
 import random
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, quote, urlencode, urlparse
 
 from .errors import UserError
 
@@ -38,6 +39,21 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({408, 429})
 #: A body larger than this is not an image answer: read no further.
 MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Option, header and body names whose values are credentials (the spec goes into manifests).
+SENSITIVE_NAME = re.compile(
+    r"auth|key|token|secret|cookie|password|signature|credential", re.IGNORECASE
+)
+#: URL query parameters that carry a credential (Google's `key`, SAS `sig`, OAuth tokens).
+SENSITIVE_QUERY = re.compile(
+    r"^(key|api_?key|apikey|token|sig|signature|access_?token|auth|password|secret)$|"
+    r"(^|[_-])(key|token|secret|password|signature|credential|auth)s?($|[_-])",
+    re.IGNORECASE,
+)
+#: A reference to an environment variable, the one way a spec may name a credential.
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: What a credential template may hold besides `${VAR}`: an auth scheme word, `name=`, spaces.
+_TEMPLATE_REST = re.compile(r"^\s*(?:[A-Za-z][A-Za-z0-9_-]*[ =:]\s*)?$")
+REDACTED = "<redacted>"
 
 
 class TransientError(Exception):
@@ -96,16 +112,77 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def is_reference(value: str) -> bool:
+    """A value that names its credential (`${VAR}`, `Bearer ${VAR}`, `token=${VAR}`) rather
+    than holding it: the only form of a credential that may be written to a manifest."""
+    return bool(ENV_REF.search(value)) and bool(_TEMPLATE_REST.match(ENV_REF.sub("", value)))
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string, for messages: a query may carry a key (`?key=...`)."""
+    head, sep, _ = url.partition("?")
+    return f"{head}?{REDACTED}" if sep else head
+
+
+def redact_query(url: str) -> str:
+    """The URL with every sensitive query value that is not a `${VAR}` reference replaced by
+    REDACTED (for specs written to disk, where the rest of the query is worth keeping)."""
+    head, sep, rest = url.partition("?")
+    if not sep:
+        return url
+    query, hash_, fragment = rest.partition("#")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not pairs and query:
+        return f"{head}?{REDACTED}"
+    kept = [
+        (k, v if not SENSITIVE_QUERY.search(k) or is_reference(v) else REDACTED) for k, v in pairs
+    ]
+    if kept == pairs:
+        return url  # nothing secret: keep the URL byte for byte
+    return f"{head}?{urlencode(kept, safe='${}<>')}{hash_}{fragment}"
+
+
+def redact_options(value: Any, name: str = "") -> Any:
+    """A copy of a component spec (options, headers, body) fit to write to disk: a string
+    under a sensitive name becomes REDACTED unless it is a `${VAR}` reference (or, for an
+    `*_env` option, the name of the variable), and URLs lose sensitive query values.
+
+    Valid specs never hold a literal credential (the API generators refuse one); this is the
+    second line, so a spec that is about to be rejected cannot leave its key in a manifest."""
+    if name.lower() == "headers" and not isinstance(value, dict):
+        return REDACTED  # not the mapping it must be; its lines may be "Authorization: KEY"
+    if isinstance(value, dict):
+        return {k: redact_options(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_options(v, name) for v in value]
+    if not isinstance(value, str):
+        return value
+    if name and SENSITIVE_NAME.search(name):
+        names_a_variable = name.endswith("_env") and re.fullmatch(r"[A-Za-z_]\w*", value)
+        if not (names_a_variable or is_reference(value)):
+            return REDACTED
+    if "?" in value and value.startswith(("http://", "https://")):
+        return redact_query(value)
+    return value
+
+
 def check_url(url: str, what: str, *, secret: bool) -> None:
-    """An http(s) URL with a host; with a credential, https unless the host is this machine."""
+    """An http(s) URL with a host; with a credential, https unless the host is this machine.
+
+    Messages show the URL without its query: it may carry a key."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise UserError(f"{what} {url!r}: expected http(s)://HOST[:PORT]/PATH")
+        raise UserError(f"{what} {redact_url(url)!r}: expected http(s)://HOST[:PORT]/PATH")
     if secret and parsed.scheme == "http" and not is_loopback(parsed.hostname):
         raise RefusedToSend(
-            f"{what} {url}: refusing to send the API key over plain http to another machine; "
-            "use https"
+            f"{what} {redact_url(url)}: refusing to send the API key over plain http to another "
+            "machine; use https"
         )
+
+
+def secret_forms(value: str) -> list[str]:
+    """A secret as it may come back: itself and URL-quoted (a key sent in a query)."""
+    return sorted({value, quote(value, safe="")}, key=len, reverse=True)
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -230,19 +307,26 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         auth: Callable[[], Mapping[str, str]] | None = None,
         paced: bool = True,
+        secrets: Iterable[str] = (),
     ) -> T:
         """Send until `parse` accepts an answer or `max_attempts` transient failures.
 
         `auth()` returns the credential headers; it is called per attempt (the key is read
-        from the environment then, never kept). `paced=False` skips the rpm limit (a
-        download from a CDN is not an API call). Raises the last `TransientError` when
-        every attempt failed.
+        from the environment then, never kept). `secrets` are the credential values
+        themselves (e.g. a key inside `token=KEY` or in the URL's query): every message
+        that may reach a log or a record is scrubbed of them and of the credential headers,
+        and a request with any is keyed (https unless local, no redirects followed).
+        `paced=False` skips the rpm limit (a download from a CDN is not an API call).
+        Raises the last `TransientError` when every attempt failed.
         """
+        secrets = [s for s in secrets if s]
         for attempt in range(1, self.max_attempts + 1):
             try:
-                resp = self._once(method, url, body, headers, auth, paced, attempt)
+                resp = self._once(method, url, body, headers, auth, paced, attempt, secrets)
                 return parse(resp)
             except TransientError as e:
+                e.message = _redact(e.message, secrets)
+                e.args = (e.message,)
                 e.attempts = attempt
                 if attempt == self.max_attempts:
                     raise
@@ -267,9 +351,11 @@ class HttpClient:
         auth: Callable[[], Mapping[str, str]] | None,
         paced: bool,
         attempt: int,
+        secrets: list[str],
     ) -> Response:
         secret = dict(auth()) if auth else {}
-        check_url(url, self.name, secret=bool(secret))
+        keyed = bool(secret or secrets)  # a key in a header or in the URL itself
+        check_url(url, self.name, secret=keyed)
         req = urllib.request.Request(
             url, data=body, headers={**(headers or {}), **secret}, method=method
         )
@@ -280,7 +366,7 @@ class HttpClient:
         try:
             with self._lock:
                 self.attempts += 1
-            opener = self._keyed_opener if secret else self._plain_opener
+            opener = self._keyed_opener if keyed else self._plain_opener
             status, resp_headers, data = self._exchange(opener, req)
         finally:
             if self._slots is not None:
@@ -288,11 +374,13 @@ class HttpClient:
         self.answered = True
         if 300 <= status < 400:
             raise RefusedToSend(
-                f"{self.name}: {url} redirected (HTTP {status}); refusing to follow it with the "
-                "API key, give the final URL"
+                f"{self.name}: {redact_url(url)} redirected (HTTP {status}); refusing to follow "
+                "it with the API key, give the final URL"
             )
         if status in RETRY_STATUSES or status >= 500:
-            text = _redact(data[:200].decode("utf-8", "replace").strip(), secret.values())
+            text = _redact(
+                data[:200].decode("utf-8", "replace").strip(), [*secret.values(), *secrets]
+            )
             raise TransientError(
                 f"HTTP {status}" + (f": {text}" if text else ""),
                 retry_after_seconds(resp_headers.get("Retry-After")),
@@ -315,14 +403,23 @@ class HttpClient:
         except (OSError, http.client.HTTPException) as e:  # timeouts, resets, refused, torn
             reason = getattr(e, "reason", None) or e
             raise TransientError(f"{type(e).__name__}: {reason}") from None
+        except ValueError:
+            # http.client's "Invalid header value b'Bearer KEY\\r'": the message holds the key
+            raise UserError(
+                f"{self.name}: a request header holds a line break or control character (a "
+                "key copied with its line ending?); the request was not sent"
+            ) from None
 
 
-def _redact(text: str, secrets: Any) -> str:
+def _redact(text: str, secrets: Iterable[str]) -> str:
     """A server that echoes the request must not put the key into a log or a record."""
+    parts = set()
     for value in secrets:
-        for part in {value, value.split(" ", 1)[-1]}:  # "Bearer KEY" and KEY alone
-            if len(part) >= 6:
-                text = text.replace(part, "[redacted]")
+        for part in (value, value.split(" ", 1)[-1]):  # "Bearer KEY" and KEY alone
+            parts.update(secret_forms(part))
+    for part in sorted(parts, key=len, reverse=True):
+        if len(part) >= 6:
+            text = text.replace(part, "[redacted]")
     return text
 
 

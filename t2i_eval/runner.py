@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import UserError
+from .net import redact_options
 from .store import RunStore, writer_info
 from .systems import SystemSpec, build_system, validate_spec
 from .systems.base import BatchTooLarge, ItemResult, WorkItem
@@ -192,7 +193,8 @@ def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]
                 "digest": suite.digest,
                 "n_prompts": len(suite),
             },
-            "system": {**spec.to_dict(), "digest": spec.digest},
+            # a literal key in an option is rejected later; it must not reach the disk first
+            "system": {**redact_options(spec.to_dict()), "digest": spec.digest},
             "history": [_session(argv)],
         }
     )

@@ -9,6 +9,7 @@ Routes, shaped like the real APIs (see t2i_eval/systems/api.py for the sources):
 
 The prompt carries its script: a prompt ending in `[r429,ok]` gets a 429 on its first request
 and `ok` on every later one (the last kind repeats). Every request is recorded in `seen`.
+Routing ignores the query string (the `http` adapter may send its key as `?key=...`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ FAL_REFUSAL = (
 )
 GENERIC_REFUSAL = "Request blocked by our content policy"
 GENERIC_451 = "Unavailable for legal reasons"
+#: Plausible configuration errors that share words with a refusal (`moderation`, `safety
+#: setting`, `blocked`): each must be an error, never a refusal (it would read as 100% refusals).
+CONFIG_ERRORS = {
+    "openai": (
+        "Invalid value for 'moderation': the moderation parameter is not supported for this model.",
+        "Your organization must be verified to use the model `gpt-image-1` (moderation and "
+        "safety settings are unavailable until then).",
+    ),
+    "imagen": (
+        "The safety setting block_none is not allowed for this key; only block_low_and_above "
+        "is supported for safetySetting.",
+        "personGeneration allow_all is blocked for this project: it is not on the allowlist.",
+    ),
+    "fal": ("Input should be 'square_hd' or 'square'", "safety_tolerance: invalid value"),
+    "http": ("blocked: invalid value for 'size'", "key not allowed on this plan (safety tier)"),
+}
 
 #: Kinds the client must retry (transient) and what every other kind must become.
 TRANSIENT = {
@@ -60,6 +77,7 @@ TRANSIENT = {
     "shape",
     "reset",
     "badimage",
+    "b64type",
 }
 OUTCOMES = {
     "ok": "ok",
@@ -75,6 +93,8 @@ OUTCOMES = {
     "r400": "error",
     "redirect": "error",
     "echo": "error",
+    "cfg400": "error",
+    "cfg400b": "error",
 }
 
 
@@ -232,13 +252,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         request = json.loads(body)
-        if self.path == "/v1/images/generations":
+        route = self.path.split("?", 1)[0]
+        if route == "/v1/images/generations":
             provider, prompt = "openai", request["prompt"]
-        elif re.fullmatch(r"/v1beta/models/[\w.\-]+:predict", self.path):
+        elif re.fullmatch(r"/v1beta/models/[\w.\-]+:predict", route):
             provider, prompt = "imagen", request["instances"][0]["prompt"]
-        elif self.path == "/fal-ai/flux-pro/v1.1":
+        elif route == "/fal-ai/flux-pro/v1.1":
             provider, prompt = "fal", request["prompt"]
-        elif self.path == "/generic":
+        elif route == "/generic":
             provider, prompt = "http", request["input"]["text"]
         else:
             self._record("unknown", body, None, "404")
@@ -286,16 +307,40 @@ class _Handler(BaseHTTPRequestHandler):
                 {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
             )
             return
-        if kind in ("echo", "echo500"):  # a server that echoes the credential back
-            cred = self.headers.get("Authorization") or self.headers.get("x-goog-api-key")
+        if kind in ("echo", "echo500", "echobare500"):  # a server that echoes the credential
+            cred = (
+                self.headers.get("Authorization")
+                or self.headers.get("x-goog-api-key")
+                or self.path.partition("?")[2]
+            )
+            if kind == "echobare500":  # the key alone, without "Bearer " or "token="
+                cred = re.split(r"[ =]", cred)[-1]
             text = f"rejected credential {cred}"
             payload = {"error": {"message": text}, "detail": [{"msg": text, "type": "auth"}]}
-            self._send(500 if kind == "echo500" else 400, payload)
+            self._send(400 if kind == "echo" else 500, payload)
+            return
+        if kind in ("cfg400", "cfg400b"):
+            self._config_error(provider, CONFIG_ERRORS[provider][kind == "cfg400b"])
+            return
+        if kind == "b64type":  # a success body whose image field is not text
+            self._send(200, _B64TYPE[provider])
             return
         if kind == "hold":
             self.api._hold()
             kind = "ok"
         getattr(self, f"_{provider}")(kind, prompt, request)
+
+    def _config_error(self, provider: str, message: str) -> None:
+        if provider == "fal":
+            detail = {"loc": ["body", "image_size"], "msg": message, "type": "value_error"}
+            self._send(422, {"detail": [detail]})
+        elif provider == "imagen":
+            self._send(
+                400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+            )
+        else:  # no error code: only the documented wording may make it a refusal
+            err = {"code": None, "message": message, "type": "invalid_request_error"}
+            self._send(400, {"error": err})
 
     def _image_b64(self, kind: str, prompt: str) -> str:
         data = {"placeholder": BLACK, "flat": FLAT, "badimage": b"not an image at all"}.get(
@@ -432,3 +477,11 @@ class _Handler(BaseHTTPRequestHandler):
                     }
                 },
             )
+
+
+_B64TYPE: dict[str, Any] = {
+    "openai": {"created": 1, "data": [{"b64_json": 12345}]},
+    "imagen": {"predictions": [{"bytesBase64Encoded": ["iVBOR"], "mimeType": "image/png"}]},
+    "fal": {"images": [{"url": {"href": "x"}}], "has_nsfw_concepts": [False]},
+    "http": {"output": {"image": {"b64": "iVBOR"}}},
+}

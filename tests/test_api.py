@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fake_image_api import (
+    CONFIG_ERRORS,
     FAL_REFUSAL,
     GENERIC_451,
     GENERIC_REFUSAL,
@@ -21,11 +22,22 @@ from fake_image_api import (
 )
 from helpers import write_suite
 
+from t2i_eval import runner
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
-from t2i_eval.net import HttpClient, RateLimiter, retry_after_seconds
-from t2i_eval.systems import GENERATORS, build_system, parse_system
+from t2i_eval.net import HttpClient, RateLimiter, redact_options, retry_after_seconds
+from t2i_eval.store import RunStore
+from t2i_eval.suites import load_suite
+from t2i_eval.systems import (
+    GENERATORS,
+    ComponentSpec,
+    SystemSpec,
+    build_system,
+    parse_system,
+    validate_spec,
+)
 from t2i_eval.systems.api import FalFlux, HttpImageAPI, Imagen, OpenAIImages
+from t2i_eval.systems.base import System, WorkItem
 
 KEY = "sk-PLANTED-never-on-disk-0123456789"
 KEY_ENV = "T2I_TEST_IMAGE_KEY"
@@ -82,11 +94,15 @@ SCRIPTS = [
     ["shape", "ok"],
     ["reset", "ok"],
     ["badimage", "ok"],
+    ["b64type", "ok"],
     ["r429", "r500", "refuse"],
     ["r500"],
     ["malformed"],
     ["r401"],
     ["r400"],
+    ["cfg400"],
+    ["cfg400b"],
+    ["b64type"],
     ["redirect"],
 ]
 #: What a refusal of each provider must carry: the provider's own words.
@@ -160,11 +176,13 @@ def test_every_response_kind_of_every_provider_is_classified(api):
                 assert ("black image" if final == "placeholder" else "flat-colour") in d.message
             if got == "error" and requests == 3:
                 assert "gave up after 3 attempt(s)" in d.message and d.raw["transient"]
+            if final in ("cfg400", "cfg400b"):  # a config error reads as itself, not a refusal
+                assert CONFIG_ERRORS[provider.split("-")[0]][final == "cfg400b"] in d.message
         assert wrong == [], wrong
         total += len(prompts)
     api_requests = [s for s in api.seen if s.provider != "download"]
     downloads = [s for s in api.seen if s.provider == "download"]
-    assert total == 200 and len(api_requests) >= 300
+    assert total == 2 * len(SCRIPTS) * len(PROVIDERS) and len(api_requests) >= 300
     assert downloads and all(
         not any(KEY in v for v in s.headers.values())
         and "authorization" not in {k.lower() for k in s.headers}
@@ -301,19 +319,33 @@ def test_rate_limiter_slots_under_threads():
 
 
 def test_concurrency_limit(api):
-    # Each request waits (up to hold_timeout) for a 4th to be in flight at the same time; with
-    # the limit at 3 none ever is, and every batch of 3 overlaps.
+    # The limit is the client's, not the thread pool's: two batches at once (as two callers
+    # sharing one generator would send them) run 2 x 3 worker threads, yet at most 3 requests
+    # are in flight. Each request waits (up to hold_timeout) for a 4th to be in flight at the
+    # same time; with the limit at 3 none ever is, and requests do overlap up to the limit.
     api.hold_target, api.hold_timeout = 4, 0.3
     gen = make("fal", api.url, concurrency=3, timeout=10.0)
-    results = gen.generate([f"hold {i} [hold]" for i in range(6)], list(range(6)))
-    assert [outcome(r) for r in results] == ["ok"] * 6
+    results: dict[int, list] = {}
+
+    def batch(b: int) -> None:
+        prompts = [f"hold {b}-{i} [hold]" for i in range(3)]
+        results[b] = gen.generate(prompts, list(range(3)))
+
+    threads = [threading.Thread(target=batch, args=(b,)) for b in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [outcome(r) for b in (0, 1) for r in results[b]] == ["ok"] * 6
     assert api.max_inflight == 3
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_a_key_echoed_by_the_server_is_redacted(api, provider):
     gen = make(provider, api.url, max_attempts=1)
-    results = gen.generate(["echo [echo]", "echo 5xx [echo500]"], [0, 0])
+    results = gen.generate(
+        ["echo [echo]", "echo 5xx [echo500]", "echo bare [echobare500]"], [0, 0, 0]
+    )
     for r in results:
         assert outcome(r) == "error" and "rejected credential" in r.decision.message
         assert KEY not in json.dumps(r.decision.to_dict()) and "[redacted]" in r.decision.message
@@ -342,7 +374,7 @@ def test_literal_secrets_are_refused_in_specs():
             headers={"Authorization": f"Bearer {KEY}"},
             image_path="image",
         )
-    with pytest.raises(UserError, match="resolved in headers only"):
+    with pytest.raises(UserError, match="resolved in headers and the URL only"):
         HttpImageAPI(
             url="https://api.example.test/gen",
             body={"prompt": "{prompt}", "key": KEY_REF},
@@ -503,3 +535,218 @@ def test_cli_bad_option_is_one_line(api, tmp_path, capsys):
         "t2i-eval: error: fal: option 'safety_tolerance' must be an integer 1..6 (got 9)"
     )
     assert api.seen == []
+
+
+# keys that must never reach the disk, a log or a record ------------------------------------
+
+LITERAL_KEY_OPTIONS = [
+    {"headers": {"Authorization": f"Bearer {KEY}"}},
+    {"headers": {"X-Api-Key": KEY}},
+    {"headers": [f"Authorization: Bearer {KEY}"]},  # not a mapping: the error must not echo it
+    {"url": f"https://api.example.test/gen?key={KEY}"},
+    {"url": f"https://api.example.test/gen?v=1&access_token={KEY}"},
+    {"body": {"prompt": "{prompt}", "api_key": KEY}},
+]
+
+
+@pytest.mark.parametrize("options", LITERAL_KEY_OPTIONS)
+def test_validate_spec_refuses_a_literal_key_without_echoing_it(options, monkeypatch):
+    monkeypatch.delenv(KEY_ENV)  # validation needs no key present
+    spec = SystemSpec(
+        "leaky",
+        ComponentSpec(
+            "http", {"url": "https://api.example.test/gen", "image_path": "image", **options}
+        ),
+    )
+    with pytest.raises(UserError) as e:
+        validate_spec(spec)
+    assert KEY not in str(e.value) and "\n" not in str(e.value)
+    assert KEY not in json.dumps(redact_options(spec.to_dict()))  # the manifest's copy
+
+
+def test_validate_spec_checks_api_values_but_needs_no_key(monkeypatch):
+    monkeypatch.delenv(KEY_ENV)
+    ok = {
+        "url": f"https://api.example.test/gen?key={KEY_REF}",
+        "headers": {"Authorization": f"token={KEY_REF}"},
+        "image_path": "image",
+    }
+    spec = SystemSpec("s", ComponentSpec("http", ok))
+    validate_spec(spec)  # references only: valid, though the variable is not set
+    assert redact_options(spec.to_dict()) == spec.to_dict()  # nothing to hide, kept as is
+    with pytest.raises(UserError, match=f"{KEY_ENV} is not set"):
+        build_system(spec)  # building (after the manifest) is where the key must exist
+    with pytest.raises(UserError, match="'safety_tolerance' must be an integer 1..6"):
+        validate_spec(SystemSpec("s", ComponentSpec("fal", {"safety_tolerance": 9})))
+
+
+def test_open_store_redacts_a_literal_key_it_is_given(tmp_path):
+    """The second line: even a spec that skipped validation leaves no key in the manifest."""
+    suite = load_suite(str(write_suite(tmp_path / "s.jsonl", [("a cat", "benign")])))
+    options = {
+        "url": f"https://api.example.test/gen?key={KEY}&size=small",
+        "headers": {"Authorization": f"Bearer {KEY}", "X-Ref": f"Bearer {KEY_REF}"},
+        "body": {"prompt": "{prompt}", "client_secret": KEY},
+        "api_key_env": KEY_ENV,
+        "image_path": "image",
+    }
+    spec = SystemSpec("leaky", ComponentSpec("http", options))
+    store = RunStore(tmp_path / "run")
+    store.root.mkdir()
+    runner._open_store(store, suite, spec, ["run"])
+    text = (store.root / "manifest.json").read_text()
+    assert KEY not in text
+    system = json.loads(text)["system"]
+    gen = system["generator"]
+    assert gen["headers"] == {"Authorization": "<redacted>", "X-Ref": f"Bearer {KEY_REF}"}
+    assert gen["url"] == "https://api.example.test/gen?key=<redacted>&size=small"
+    assert gen["body"]["client_secret"] == "<redacted>" and gen["api_key_env"] == KEY_ENV
+    assert system["digest"] == spec.digest  # a resume still recognises its own spec
+
+
+def _http_yaml(path: Path, base: str) -> Path:
+    path.write_text(
+        "name: generic\n"
+        "generator:\n"
+        "  name: http\n"
+        f"  url: {base}/generic\n"
+        f"  headers: {{Authorization: 'Bearer {KEY_REF}'}}\n"
+        "  body: {input: {text: '{prompt}', seed: '{seed}'}}\n"
+        "  image_path: output.image\n"
+        "  message_path: error.message\n"
+        "  max_attempts: 2\n"
+        "  backoff: 0\n"
+        "  max_backoff: 0\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("spec_kind", ["openai-images", "http"])
+def test_a_key_with_a_crlf_line_ending_is_stripped_and_never_written(
+    spec_kind, api, tmp_path, capsys, caplog, monkeypatch
+):
+    monkeypatch.setenv(KEY_ENV, KEY + "\r\n")  # exported from a CRLF .env file
+    caplog.set_level(logging.DEBUG)
+    rows = [
+        ("a red apple [ok]", "benign"),
+        ("an echoing server [echo500,ok]", "benign"),
+        ("a bad answer [b64type]", "benign"),
+    ]
+    suite = write_suite(tmp_path / "suite.jsonl", rows)
+    maker = _system_yaml if spec_kind == "openai-images" else _http_yaml
+    system = maker(tmp_path / "sys.yaml", api.url)
+    out = tmp_path / "run"
+    argv = ["run", "--suite", str(suite), "--system", str(system), "--out", str(out), "-q"]
+    assert main(argv) == 1  # the malformed answer stays an error
+    captured = capsys.readouterr()
+    statuses = sorted(
+        g["status"]
+        for f in (out / "generations").glob("*.jsonl")
+        for g in map(json.loads, f.read_text().splitlines())
+    )
+    assert statuses == ["error", "ok", "ok"]
+    assert all(key_header_ok("openai", s.headers) for s in api.seen)  # the stripped key sent
+    leaks = [str(f) for f in tmp_path.rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
+    assert leaks == []
+    for text in (captured.out, captured.err, caplog.text):
+        assert KEY not in text
+
+
+def test_a_key_with_a_control_character_inside_is_refused_naming_only_the_variable(
+    api, monkeypatch
+):
+    monkeypatch.setenv(KEY_ENV, "sk-broken\rkey-0123456789")
+    for provider in ("openai", "http"):
+        with pytest.raises(UserError, match=f"environment variable {KEY_ENV} holds") as e:
+            make(provider, api.url)
+        assert "sk-broken" not in str(e.value)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    gen = make("imagen", api.url)
+    monkeypatch.setenv(KEY_ENV, KEY[:10] + "\n" + KEY[10:])  # damaged after the start
+    (r,) = gen.generate(["a later item [ok]"], [0])
+    assert outcome(r) == "error" and KEY_ENV in r.decision.message
+    assert KEY[:10] not in json.dumps(r.decision.to_dict()) and api.seen == []
+
+
+def test_a_header_the_transport_rejects_is_an_error_without_the_header(api):
+    client = HttpClient("x", max_attempts=1)
+    header = {"Authorization": "Bearer sk-inside\rthe-header-0123"}
+    with pytest.raises(UserError, match="line break or control character") as e:
+        client.request("POST", f"{api.url}/generic", lambda r: r, body=b"{}", auth=lambda: header)
+    assert "sk-inside" not in str(e.value)
+
+
+def test_an_unforeseen_exception_is_an_error_of_that_item_only(api):
+    gen = make("openai", api.url)
+    parse = gen._parse
+
+    def flaky(resp):  # the second request's answer trips a bug, its message quoting the key
+        if len(api.seen) == 2:
+            raise RuntimeError(f"unexpected shape near {KEY}")
+        return parse(resp)
+
+    gen._parse = flaky
+    results = gen.generate(["first [ok]"], [0]) + gen.generate(["second [ok]"], [0])
+    assert [outcome(r) for r in results] == ["ok", "error"]
+    d = results[1].decision
+    assert d.refused is None and "unexpected RuntimeError" in d.message and d.raw["unexpected"]
+    assert KEY not in json.dumps(d.to_dict()) and "[redacted]" in d.message
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_malformed_item_is_retried_alone_in_its_batch(api, provider):
+    """A non-text image field is a broken answer: retried, then an error of that item; the
+    System never re-sends (and re-pays for) the rest of the batch."""
+    gen = make(provider, api.url)
+    prompts = ["one [ok]", "two [ok]", "bad [b64type]", "four [ok]"]
+    items = [WorkItem(f"r{i}", f"p{i}", text, i) for i, text in enumerate(prompts)]
+    results = System("s", gen).run(items)
+    assert [r.status for r in results] == ["ok", "ok", "error", "ok"]
+    assert "gave up after 3 attempt(s)" in results[2].decisions[-1].message
+    sent = [s for s in api.seen if s.provider != "download"]
+    assert len(sent) == 3 + FAST["max_attempts"]
+    assert len(api.requests_for("bad [b64type]")) == FAST["max_attempts"]
+
+
+def test_http_key_in_the_url_is_resolved_per_request_and_never_shown(api, monkeypatch):
+    gen = HttpImageAPI(
+        url=f"{api.url}/generic?v=1&key={KEY_REF}",
+        body={"input": {"text": "{prompt}", "seed": "{seed}"}},
+        image_path="output.image",
+        message_path="error.message",
+        **FAST,
+    )
+    prompts = ["url key [ok]", "echo [echo]", "echo bare [echobare500]", "moved [redirect]"]
+    ok, echo, bare, redirected = gen.generate(prompts, [0, 1, 2, 3])
+    assert outcome(ok) == "ok"
+    assert api.requests_for("url key [ok]")[0].path == f"/generic?v=1&key={KEY}"
+    assert gen.info()["endpoint"] == f"{api.url}/generic?v=1&key={KEY_REF}"
+    for r in (echo, bare, redirected):
+        assert outcome(r) == "error" and KEY not in json.dumps(r.decision.to_dict())
+    assert "[redacted]" in echo.decision.message and "[redacted]" in bare.decision.message
+    assert "refusing to follow it" in redirected.decision.message
+    assert "?<redacted>" in redirected.decision.message  # the query is never quoted
+    assert len(api.requests_for("moved [redirect]")) == 1  # a keyed URL follows no redirect
+    with pytest.raises(UserError, match="plain http to another machine"):
+        HttpImageAPI(url=f"http://192.0.2.1/gen?key={KEY_REF}", image_path="image")
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(UserError, match=f"{KEY_ENV} is not set"):
+        HttpImageAPI(url=f"{api.url}/generic?key={KEY_REF}", image_path="image")
+
+
+def test_the_retry_log_is_scrubbed_of_the_key_itself(api, caplog):
+    """`token=KEY` in a header and a server that echoes KEY alone on a 5xx: the -v log line
+    must carry neither (redacting the header value as a whole would miss it)."""
+    caplog.set_level(logging.DEBUG)
+    gen = HttpImageAPI(
+        url=f"{api.url}/generic",
+        headers={"Authorization": f"token={KEY_REF}"},
+        body={"input": {"text": "{prompt}", "seed": 1}},
+        image_path="output.image",
+        **FAST,
+    )
+    (r,) = gen.generate(["a bare echo [echobare500,ok]"], [0])
+    assert outcome(r) == "ok"
+    retries = [m.getMessage() for m in caplog.records if "retry 1/2" in m.getMessage()]
+    assert retries and "rejected credential [redacted]" in retries[0]
+    assert KEY not in caplog.text

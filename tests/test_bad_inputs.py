@@ -116,6 +116,21 @@ CASES = [
         "blocklist+blocklist>fake",
         "prompt guard 'blocklist' appears more than once",
     ),
+    system(
+        "system_http_literal_key",
+        "{BAD}/system_http_literal_key.yaml",
+        "http: header 'Authorization' holds a literal value; write it as '${MY_API_KEY}'",
+    ),
+    system(
+        "system_http_headers_not_a_mapping",
+        "{BAD}/system_http_headers_not_a_mapping.yaml",
+        "http: option 'headers' must be a mapping of header name -> string (got a list, value",
+    ),
+    system(
+        "system_http_url_literal_key",
+        "{BAD}/system_http_url_literal_key.yaml",
+        "http: url: query parameter 'key' holds a literal value; write it as 'key=${MY_API_KEY}'",
+    ),
     # judge specs (on an existing run) ----------------------------------------------------------
     judge("judge_missing_kind.yaml", "judge_missing_kind.yaml: missing key 'kind'"),
     judge("judge_bad_threshold_type.yaml", "bad value (could not convert string to float: 'dark')"),
@@ -346,6 +361,31 @@ def test_bad_option_value_fails_the_run_it_started(tmp_path, capsys):
     m = RunStore(out).read_manifest()
     assert m["status"] == "failed" and "bad option value" in m["error"]
     assert not (out / "generations").exists()
+
+
+SPEC_KEY = "sk-LITERAL-in-spec-5f1c9a7e3b"
+"""The key planted in the system_http_* corpus files."""
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "system_http_literal_key.yaml",
+        "system_http_headers_not_a_mapping.yaml",
+        "system_http_url_literal_key.yaml",
+    ],
+)
+def test_a_key_in_a_spec_is_never_written_or_echoed(spec, tmp_path, capsys):
+    """Rejected while validating the spec, before the run directory exists: the key reaches
+    neither the disk (no manifest to hold it) nor the one-line error."""
+    assert SPEC_KEY in (BAD / spec).read_text()
+    out = tmp_path / "out"
+    code = main(["run", "--system", str(BAD / spec), "--limit", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert SPEC_KEY not in captured.err and SPEC_KEY not in captured.out
+    assert not out.exists()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 @pytest.mark.parametrize(

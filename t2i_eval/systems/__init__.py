@@ -85,6 +85,9 @@ def validate_spec(spec: SystemSpec) -> None:
     """Check names and options without loading any model (fast, for bad-input errors).
 
     A stage name appears once per system: decisions, metrics and sweeps are keyed by it.
+    Components with a `check_options(**options)` classmethod (the API generators) also have
+    their option values checked here, before any run directory exists: their specs are where
+    a user might paste a key, and the spec is written into the manifest.
     """
     for stage, comps in (("prompt guard", spec.prompt_guards), ("image guard", spec.image_guards)):
         names = [c.name for c in comps]
@@ -95,7 +98,10 @@ def validate_spec(spec: SystemSpec) -> None:
                 "than once; each stage name may be used once per system"
             )
     for kind, comp in _stages(spec):
-        checked_class(kind, comp)
+        cls = checked_class(kind, comp)
+        check = getattr(cls, "check_options", None)
+        if check is not None:  # cheap, sends nothing, needs no key (the API generators)
+            check(**comp.options)
 
 
 def build_system(spec: SystemSpec) -> System:

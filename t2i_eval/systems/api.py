@@ -18,15 +18,18 @@ Rate limits, server errors, timeouts, resets and malformed bodies are retried by
 resume), never a refusal. Failures are returned per item rather than raised, so one bad item
 does not make the System re-request (and re-pay for) the rest of its batch.
 
-Keys are read from environment variables at request time, sent only in their header, and never
-stored, logged or recorded: `info()` names the variable, never its value, and every message
-and raw field is scrubbed of it in case a provider echoes it back.
+Keys are read from environment variables at request time (stripped: a key copied from a CRLF
+`.env` file would otherwise break the header, and http.client's error quotes the header),
+sent only in their header (or, for the `http` adapter, where its URL template asks), and
+never stored, logged or recorded: `info()` names the variable, never its value, and every
+message and raw field is scrubbed of it in case a provider echoes it back.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import io
 import json
 import os
@@ -34,19 +37,33 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl, quote, urlparse
 
 import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..net import HttpClient, Response, TransientError, check_url
+from ..net import (
+    ENV_REF,
+    SENSITIVE_NAME,
+    SENSITIVE_QUERY,
+    HttpClient,
+    Response,
+    TransientError,
+    check_url,
+    is_reference,
+    redact_options,
+    secret_forms,
+)
 from ..types import StageDecision
 from .base import GeneratorResult
 
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_SENSITIVE_HEADER = re.compile(r"auth|key|token|secret|cookie|password|signature", re.IGNORECASE)
+_ENV_REF = ENV_REF
 _MODEL_ID = re.compile(r"^[A-Za-z0-9._\-/]+$")
+
+#: Set by `ImageAPI.check_options`: validate option values only (no key needed, no client).
+_CHECK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("check_only", default=False)
 
 #: Placeholder rule, on a 32x32 grey copy: "black" when mean luminance <= BLACK_MAX_MEAN and
 #: std <= BLACK_MAX_STD (what fal and diffusers-style checkers return); "flat" when std <=
@@ -92,7 +109,10 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_base64_image(text: str) -> Image.Image:
+def decode_base64_image(text: Any) -> Image.Image:
+    """Base64 text -> image; anything else (a number, a list) is a broken answer (retried)."""
+    if not isinstance(text, str):
+        raise TransientError(f"image field is {type(text).__name__}, not base64 text")
     try:
         return decode_image(base64.b64decode(text))
     except (binascii.Error, ValueError):
@@ -129,6 +149,29 @@ def _scrub(value: Any, secrets: list[str]) -> Any:
     return value
 
 
+def read_key(var: str, who: str) -> str:
+    """The key in environment variable `var`, stripped of surrounding whitespace.
+
+    Whitespace or a control character left inside cannot be part of a key and would make
+    http.client raise an error quoting the whole header, key included; the message here names
+    only the variable."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        raise UserError(f"{who}: environment variable {var} is not set; export the API key there")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise UserError(
+            f"{who}: environment variable {var} holds whitespace or a control character inside "
+            "the key (value not shown); re-export it as the key alone"
+        )
+    return value
+
+
+def _env_secret(var: str) -> list[str]:
+    """What to scrub for the key in `var`: the stripped value (and its URL-quoted form)."""
+    value = os.environ.get(var, "").strip()
+    return secret_forms(value) if len(value) >= 6 else []
+
+
 def _error_fields(resp: Response) -> dict[str, Any]:
     """`{"error": {...}}` (OpenAI, Google) as a dict; {} when the body has no such object."""
     try:
@@ -145,8 +188,13 @@ class _Options:
     def __init__(self, who: str) -> None:
         self.who = who
 
-    def fail(self, key: str, expected: str, got: Any) -> UserError:
-        return UserError(f"{self.who}: option '{key}' must be {expected} (got {got!r})")
+    def fail(self, key: str, expected: str, got: Any, *, show: bool = True) -> UserError:
+        """The error for a bad value; a value that may hold a credential is never shown."""
+        if show and not SENSITIVE_NAME.search(key):
+            found = f"got {got!r}"
+        else:
+            found = f"got a {type(got).__name__}, value not shown"
+        return UserError(f"{self.who}: option '{key}' must be {expected} ({found})")
 
     def number(self, key: str, value: Any, *, minimum: float, above: bool = False) -> float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -209,6 +257,8 @@ class ImageAPI:
         v.integer("concurrency", self.concurrency, minimum=1)
         v.boolean("placeholder", self.placeholder)
         self._validate(v)
+        if self.checking:
+            return
         self.client = HttpClient(
             self.name,
             timeout=self.timeout,
@@ -218,6 +268,25 @@ class ImageAPI:
             rpm=self.rpm,
             concurrency=self.concurrency,
         )
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Validate option values as the constructor does, but need no key and build no client.
+
+        Called by `validate_spec` before any run directory exists, so a bad value (a literal
+        key above all) is rejected before the spec is written into a manifest."""
+        token = _CHECK_ONLY.set(True)
+        try:
+            cls(**options)
+        except TypeError as e:  # a wrong-typed value the checks above did not name
+            raise UserError(f"{cls.name}: bad option value ({e})") from None
+        finally:
+            _CHECK_ONLY.reset(token)
+
+    @property
+    def checking(self) -> bool:
+        """Built by `check_options`: environment variables are not read."""
+        return _CHECK_ONLY.get()
 
     # -- what each provider supplies -------------------------------------------------------
 
@@ -281,14 +350,43 @@ class ImageAPI:
             return list(pool.map(self._one, texts, seeds))
 
     def _one(self, text: str, seed: int) -> GeneratorResult:
+        """One item's decision; never raises, so one broken answer never makes the System
+        re-request (and re-pay for) the rest of the batch."""
+        secrets = self._secrets()
+        try:
+            out = self._outcome(text, seed, secrets)
+        except Exception as e:  # a bug or an answer nobody foresaw: an error, never a refusal
+            out = Outcome(
+                None,
+                f"unexpected {type(e).__name__}: {e}",
+                raw={"error": f"{type(e).__name__}: {e}", "unexpected": True},
+            )
+        raw = {
+            "provider": self.provider,
+            "model": self.label,
+            "seed": seed,
+            "seed_sent": self.sends_seed,
+            **out.raw,
+        }
+        decision = StageDecision(
+            "generator",
+            self.name,
+            out.refused,
+            raw=_scrub(raw, secrets),
+            message=_scrub(out.message, secrets),
+        )
+        return GeneratorResult(decision, out.image if out.refused is False else None)
+
+    def _outcome(self, text: str, seed: int, secrets: list[str]) -> Outcome:
         try:
             out = self.client.request(
                 self._method(),
-                self.endpoint,
+                self._request_url(),
                 self._parse_counted,
                 body=json.dumps(self._body(text, seed)).encode(),
                 headers=self._headers(),
                 auth=self._auth,
+                secrets=secrets,
             )
         except TransientError as e:
             out = Outcome(
@@ -303,22 +401,11 @@ class ImageAPI:
             out.raw["image_stats"] = stats
             if self.placeholder and stats["kind"]:
                 out = Outcome(True, _placeholder_message(stats), raw=out.raw)
-        raw = {
-            "provider": self.provider,
-            "model": self.label,
-            "seed": seed,
-            "seed_sent": self.sends_seed,
-            **out.raw,
-        }
-        secrets = self._secrets()
-        decision = StageDecision(
-            "generator",
-            self.name,
-            out.refused,
-            raw=_scrub(raw, secrets),
-            message=_scrub(out.message, secrets),
-        )
-        return GeneratorResult(decision, out.image if out.refused is False else None)
+        return out
+
+    def _request_url(self) -> str:
+        """The URL to send to (the `http` adapter resolves `${VAR}` in it here, only here)."""
+        return self.endpoint
 
     def _method(self) -> str:
         return "POST"
@@ -393,11 +480,8 @@ class _KeyedAPI(ImageAPI):
             )
         super().__post_init__()  # option values first: a typo is reported before a missing key
         check_url(self.base_url, f"{self.name}: base_url", secret=bool(self.api_key_env))
-        if self.api_key_env and not os.environ.get(self.api_key_env):
-            raise UserError(
-                f"{self.name}: environment variable {self.api_key_env} is not set; export the "
-                f"API key there (or set api_key_env to the variable that holds it)"
-            )
+        if self.api_key_env and not self.checking:
+            read_key(self.api_key_env, self.name)  # missing or damaged: say so before any work
 
     @property
     def label(self) -> str:
@@ -406,14 +490,10 @@ class _KeyedAPI(ImageAPI):
     def _auth(self) -> dict[str, str]:
         if not self.api_key_env:
             return {}
-        key = os.environ.get(self.api_key_env, "")
-        if not key:
-            raise UserError(f"{self.name}: environment variable {self.api_key_env} is not set")
-        return {self.key_header: f"{self.key_prefix}{key}"}
+        return {self.key_header: f"{self.key_prefix}{read_key(self.api_key_env, self.name)}"}
 
     def _secrets(self) -> list[str]:
-        key = os.environ.get(self.api_key_env or "", "")
-        return [key] if len(key) >= 6 else []
+        return _env_secret(self.api_key_env) if self.api_key_env else []
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "base_url": self.base_url, "api_key_env": self.api_key_env}
@@ -433,8 +513,11 @@ _OPENAI_MODELS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 _OPENAI_POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
-#: Older answers carry no code, only this wording ("rejected as a result of our safety system").
-_OPENAI_POLICY_TEXT = re.compile(r"safety system|content policy|moderation", re.IGNORECASE)
+#: Older answers carry no code, only this documented sentence. Nothing broader: a 400 about
+#: the `moderation` parameter itself is a configuration error, not a refusal.
+_OPENAI_POLICY_TEXT = re.compile(
+    r"your request was rejected as a result of our safety system", re.IGNORECASE
+)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -491,7 +574,7 @@ class OpenAIImages(_KeyedAPI):
             message = str(err.get("message") or resp.snippet())
             raw = {"code": code, "error_type": err.get("type")}
             policy = code in _OPENAI_POLICY_CODES or (
-                code is None and resp.status == 400 and bool(_OPENAI_POLICY_TEXT.search(message))
+                not code and resp.status == 400 and bool(_OPENAI_POLICY_TEXT.search(message))
             )
             if policy:
                 return Outcome(True, message, raw=raw)
@@ -510,7 +593,9 @@ class OpenAIImages(_KeyedAPI):
             if item.get("b64_json"):
                 return Outcome(False, image=decode_base64_image(item["b64_json"]), raw=raw)
             if item.get("url"):
-                return Outcome(False, image=self._image_at(str(item["url"])), raw=raw)
+                if not isinstance(item["url"], str):
+                    raise TransientError("malformed body: 'url' is not text")
+                return Outcome(False, image=self._image_at(item["url"]), raw=raw)
         except _NoImage as e:
             return Outcome(None, str(e), raw=raw)
         return Outcome(True, "OpenAI returned no image", raw={**raw, "missing_image": True})
@@ -519,10 +604,20 @@ class OpenAIImages(_KeyedAPI):
 _IMAGEN_SAFETY = ("block_low_and_above", "block_medium_and_above", "block_only_high", "block_none")
 _IMAGEN_PEOPLE = ("dont_allow", "allow_adult", "allow_all")
 _IMAGEN_ASPECT = ("1:1", "3:4", "4:3", "9:16", "16:9")
-#: A prompt Imagen blocks before generating is a 400 citing Google's Responsible AI practices.
+#: A prompt Imagen blocks before generating is a 400 in Google's documented wording: "The
+#: prompt could not be submitted. This prompt contains sensitive words that violate Google's
+#: Responsible AI practices." Only those phrases count; a bare "blocked" or "safety setting"
+#: is as likely to be a configuration error.
 _IMAGEN_POLICY_TEXT = re.compile(
-    r"responsible ai|sensitive words|violat\w*\b.*\bpolic|safety (filter|setting|system)|"
-    r"\bblocked\b",
+    r"could ?n[o']t be submitted|responsible ai practices|sensitive words|\bviolates?\b",
+    re.IGNORECASE,
+)
+#: A 400 about what the key or project may use (a safety level or person setting outside its
+#: allowlist, an invalid value): a configuration error to fix, never a refusal, whatever words
+#: it shares with one. It would otherwise show up as a 100% refusal rate.
+_IMAGEN_CONFIG_TEXT = re.compile(
+    r"not allowed|allowlist|allow ?list|invalid value|not supported|is only (supported|"
+    r"accessible|available)|safety_?filter_?level|safety_?setting|person_?generation",
     re.IGNORECASE,
 )
 
@@ -581,7 +676,8 @@ class Imagen(_KeyedAPI):
             err = _error_fields(resp)
             message = str(err.get("message") or resp.snippet())
             raw = {"error_status": err.get("status")}
-            if resp.status == 400 and _IMAGEN_POLICY_TEXT.search(message):
+            policy = _IMAGEN_POLICY_TEXT.search(message) and not _IMAGEN_CONFIG_TEXT.search(message)
+            if resp.status == 400 and policy:
                 return Outcome(True, message, raw=raw)
             return Outcome(None, f"HTTP {resp.status}: {message}", raw=raw)
         body = resp.json()
@@ -693,10 +789,11 @@ class FalFlux(_KeyedAPI):
                 "a black image in its place",
                 raw=raw,
             )
-        if not images[0].get("url"):
-            raise TransientError("malformed body: image without 'url'")
+        url = images[0].get("url")
+        if not isinstance(url, str) or not url:
+            raise TransientError("malformed body: image without a 'url' string")
         try:
-            return Outcome(False, image=self._image_at(str(images[0]["url"])), raw=raw)
+            return Outcome(False, image=self._image_at(url), raw=raw)
         except _NoImage as e:
             return Outcome(None, str(e), raw=raw)
 
@@ -718,7 +815,8 @@ class HttpImageAPI(ImageAPI):
     """Any JSON image API, described by values only (STYLE.md 5: no code in config).
 
     The request is `method url` with `headers` (values may hold `${ENV_VAR}`, resolved per
-    request and never stored) and a JSON `body` template whose strings may hold `{prompt}` and
+    request and never stored; so may the URL's path and query, for APIs that take the key as
+    `?key=...`) and a JSON `body` template whose strings may hold `{prompt}` and
     `{seed}` (a string that is exactly `"{seed}"` becomes a number). The image is the value at
     the dotted `image_path`: base64, a data URI or a URL. A refusal is an answer whose HTTP
     status is in `refuse_status`, or whose text at `message_path` matches `refuse_match`.
@@ -728,7 +826,8 @@ class HttpImageAPI(ImageAPI):
     provider: ClassVar[str] = "http"
 
     url: str = ""
-    """The endpoint (https, unless the host is this machine or no header holds a secret)."""
+    """The endpoint (https, unless the host is this machine or nothing secret is sent); a key
+    in the query only as a reference, e.g. `https://host/gen?key=${MY_API_KEY}`."""
     method: str = "POST"
     """POST or PUT."""
     headers: dict[str, str] | None = None
@@ -750,12 +849,13 @@ class HttpImageAPI(ImageAPI):
 
     def _validate(self, v: _Options) -> None:
         if not isinstance(self.url, str) or not self.url:
-            raise v.fail("url", "the endpoint URL", self.url)
+            raise v.fail("url", "the endpoint URL", self.url, show=False)
         if not isinstance(self.method, str) or self.method.upper() not in ("POST", "PUT"):
             raise v.fail("method", "POST or PUT", self.method)
         self.method = self.method.upper()
         self._check_headers(v)
-        check_url(self.url, f"{self.name}: url", secret=bool(self._env_refs()))
+        self._check_url()
+        self._check_missing_env()
         self._check_body(v)
         if not isinstance(self.image_path, str) or not self.image_path:
             raise v.fail("image_path", "a dotted path such as data.0.b64_json", self.image_path)
@@ -767,22 +867,36 @@ class HttpImageAPI(ImageAPI):
             self.headers = {}
         if not isinstance(self.headers, dict) or not all(
             isinstance(k, str) and isinstance(val, str) for k, val in self.headers.items()
-        ):
-            raise v.fail("headers", "a mapping of header name -> string", self.headers)
+        ):  # never echoed: a header value may be a key
+            raise v.fail("headers", "a mapping of header name -> string", self.headers, show=False)
         for key, value in self.headers.items():
-            refs = _ENV_REF.findall(value)
-            if _SENSITIVE_HEADER.search(key) and not refs:
+            if SENSITIVE_NAME.search(key) and not is_reference(value):
                 raise UserError(
                     f"{self.name}: header '{key}' holds a literal value; write it as "
                     f"'${{MY_API_KEY}}' (e.g. 'Bearer ${{MY_API_KEY}}') and export MY_API_KEY, so "
                     "the key is never written into the run's manifest"
                 )
-            missing = [r for r in refs if not os.environ.get(r)]
-            if missing:
+
+    def _check_url(self) -> None:
+        """`${VAR}` only in the path and query; a sensitive query parameter only as one."""
+        what = f"{self.name}: url"
+        parsed = urlparse(self.url)
+        if "${" in f"{parsed.scheme}://{parsed.netloc}":
+            raise UserError(f"{what}: environment variables may appear in the path and query only")
+        for name, value in parse_qsl(parsed.query, keep_blank_values=True):
+            if SENSITIVE_QUERY.search(name) and not _ENV_REF.fullmatch(value):
                 raise UserError(
-                    f"{self.name}: header '{key}' refers to ${{{missing[0]}}}, which is not set; "
-                    "export it"
+                    f"{what}: query parameter '{name}' holds a literal value; write it as "
+                    f"'{name}=${{MY_API_KEY}}' and export MY_API_KEY, so the key is never "
+                    "written into the run's manifest"
                 )
+        check_url(self.url, what, secret=bool(self._env_refs()))
+
+    def _check_missing_env(self) -> None:
+        if self.checking:
+            return
+        for var in dict.fromkeys(self._env_refs()):
+            read_key(var, self.name)
 
     def _check_body(self, v: _Options) -> None:
         if self.body is None:
@@ -790,13 +904,21 @@ class HttpImageAPI(ImageAPI):
         try:
             template = json.dumps(self.body)
         except (TypeError, ValueError):
-            raise v.fail("body", "a JSON value (mapping, list or string)", self.body) from None
+            raise v.fail(
+                "body", "a JSON value (mapping, list or string)", self.body, show=False
+            ) from None
         if "{prompt}" not in template:
-            raise v.fail("body", "a template containing {prompt}", self.body)
+            raise v.fail("body", "a template containing {prompt}", redact_options(self.body))
         if "${" in template:
             raise UserError(
                 f"{self.name}: the body template holds '${{...}}'; environment variables are "
-                "resolved in headers only (put the key in a header)"
+                "resolved in headers and the URL only (put the key in a header)"
+            )
+        if redact_options(self.body) != self.body:
+            raise UserError(
+                f"{self.name}: the body template holds a literal value under a credential-like "
+                "name (value not shown); send the key in a header as '${MY_API_KEY}', so it is "
+                "never written into the run's manifest"
             )
         self.sends_seed = "{seed}" in template
 
@@ -827,11 +949,17 @@ class HttpImageAPI(ImageAPI):
         v.boolean("refuse_missing_image", self.refuse_missing_image)
 
     def _env_refs(self) -> list[str]:
-        return [r for value in (self.headers or {}).values() for r in _ENV_REF.findall(value)]
+        """Variables named in the headers and the URL (each holds a credential)."""
+        values = [*(self.headers or {}).values(), self.url]
+        return [r for value in values for r in _ENV_REF.findall(value)]
 
     @property
     def endpoint(self) -> str:
+        """The URL template (`${VAR}` unresolved): what info() and manifests show."""
         return self.url
+
+    def _request_url(self) -> str:
+        return _ENV_REF.sub(lambda m: quote(read_key(m.group(1), self.name), safe=""), self.url)
 
     @property
     def label(self) -> str:
@@ -852,14 +980,10 @@ class HttpImageAPI(ImageAPI):
         return out
 
     def _env(self, var: str) -> str:
-        value = os.environ.get(var, "")
-        if not value:
-            raise UserError(f"{self.name}: environment variable {var} is not set")
-        return value
+        return read_key(var, self.name)
 
     def _secrets(self) -> list[str]:
-        values = [os.environ.get(r, "") for r in self._env_refs()]
-        return [v for v in values if len(v) >= 6]
+        return [s for var in dict.fromkeys(self._env_refs()) for s in _env_secret(var)]
 
     def _body(self, text: str, seed: int) -> Any:
         def fill(node: Any) -> Any:
@@ -879,9 +1003,9 @@ class HttpImageAPI(ImageAPI):
         return {**super().info(), "method": self.method}
 
     def _options(self) -> dict[str, Any]:
-        return {
-            "headers": dict(self.headers or {}),  # templates: ${VAR} references, never values
-            "body": self.body,
+        return {  # templates: ${VAR} references, never values (redacted if ever otherwise)
+            "headers": redact_options(dict(self.headers or {})),
+            "body": redact_options(self.body),
             "image_path": self.image_path,
             "message_path": self.message_path,
             "refuse_status": self.refuse_status,
@@ -905,7 +1029,11 @@ class HttpImageAPI(ImageAPI):
         if body is None:
             raise TransientError(f"malformed JSON body (HTTP {resp.status})")
         value = dig(body, self.image_path)
-        if not isinstance(value, str) or not value:
+        if value is not None and not isinstance(value, str):
+            raise TransientError(
+                f"malformed body: '{self.image_path}' is {type(value).__name__}, not text"
+            )
+        if not value:
             note = f"no image at '{self.image_path}'"
             if self.refuse_missing_image:
                 return Outcome(True, text or note, raw={"missing_image": True})
