@@ -14,6 +14,7 @@ from PIL import Image
 from t2i_eval.errors import UserError
 from t2i_eval.systems import GENERATORS, PRESETS, parse_system, validate_spec
 from t2i_eval.systems.spec import NEEDS_KEYS, preset_needs
+from t2i_eval.systems.tiny import TINY_CLIP_TEXT
 
 OPEN_WEIGHTS = {
     "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -122,17 +123,7 @@ needs_torch = pytest.mark.skipif(
 )
 
 #: Shared by every CLIP text encoder below: the real SD vocabulary size, tiny everything else.
-CLIP_TEXT = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-    vocab_size=49408,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-    projection_dim=32,
-)
+CLIP_TEXT = TINY_CLIP_TEXT
 HEIGHT, WIDTH = 32, 48  # not square, so a swapped height/width shows
 
 

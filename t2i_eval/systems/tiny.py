@@ -33,6 +33,20 @@ TINY_CONCEPT_THRESHOLD = 0.5
 TINY_SPECIAL_THRESHOLD = 0.6
 
 
+#: The tiny CLIP text encoder: SD's real vocabulary and special tokens, tiny everything else.
+TINY_CLIP_TEXT: dict[str, int] = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=49408,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=32,
+)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("T2I_EVAL_CACHE") or Path.home() / ".cache" / "t2i-eval"
     return Path(root) / f"tiny-sd-v{TINY_VERSION}"
@@ -101,22 +115,11 @@ def build_tiny(dest: Path) -> None:
         norm_num_groups=2,
     )
     torch.manual_seed(0)
-    text_cfg = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=49408,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        projection_dim=32,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
     torch.manual_seed(0)
     checker = StableDiffusionSafetyChecker(
         CLIPConfig(
-            text_config=text_cfg,
+            text_config=TINY_CLIP_TEXT,
             vision_config=dict(
                 hidden_size=32,
                 intermediate_size=37,
