@@ -42,7 +42,10 @@ from t2i_eval.systems.base import System, WorkItem
 KEY = "sk-PLANTED-never-on-disk-0123456789"
 KEY_ENV = "T2I_TEST_IMAGE_KEY"
 KEY_REF = "${" + KEY_ENV + "}"
-FAST = {"timeout": 0.3, "max_attempts": 3, "backoff": 0.001, "max_backoff": 0.01}
+#: Tiny backoff, but a client timeout long enough that only the fake `timeout` answer (held 10 s)
+#: trips it: at 0.3 s a stall of a loaded CI machine made ordinary answers retry, and the exact
+#: request counts this file checks went wrong.
+FAST = {"timeout": 2.0, "max_attempts": 3, "backoff": 0.001, "max_backoff": 0.01}
 
 
 @pytest.fixture
@@ -323,7 +326,7 @@ def test_concurrency_limit(api):
     # sharing one generator would send them) run 2 x 3 worker threads, yet at most 3 requests
     # are in flight. Each request waits (up to hold_timeout) for a 4th to be in flight at the
     # same time; with the limit at 3 none ever is, and requests do overlap up to the limit.
-    api.hold_target, api.hold_timeout = 4, 0.3
+    api.hold_target, api.hold_timeout = 4, 1.0  # room for a stalled CI machine to catch up
     gen = make("fal", api.url, concurrency=3, timeout=10.0)
     results: dict[int, list] = {}
 
