@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import UserError, did_you_mean
 
 EPILOG = """examples:
   t2i-eval run                                  built-in suite through the offline default system
-  t2i-eval run --suite ../shared/data/overt/OVERT_mini.csv --system tiny --limit 50
+  t2i-eval run --suite ../shared/data/overt/OVERT_mini.csv --system tiny --per-category 5
   t2i-eval run --suite prompts.csv --system 'blocklist>diffusers:stable-diffusion-v1-5/stable-diffusion-v1-5>safety_checker'
   t2i-eval run --suite hf://owner/dataset:config --system my_system.yaml --seeds 3
   t2i-eval report outputs/core__default__1a2b3c4d
@@ -65,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         compile_unet=args.compile,
         seeds=args.seeds,
         limit=args.limit,
+        per_category=args.per_category,
         batch_size=args.batch_size,
         argv=["t2i-eval", *sys.argv[1:]],
         progress=not args.quiet,
@@ -181,7 +184,30 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     )
     print(text)
     print(f"linked run: {linked / 'run'}; rewrites: {linked / 'rewrites.jsonl'}")
-    return 0
+    return _rewrite_exit_code(linked)
+
+
+def _rewrite_exit_code(linked: Path) -> int:
+    """1 when rewriter calls or the linked run's items ended in infrastructure errors, as `run`
+    does: a script chaining commands must not take a partial comparison for a finished one."""
+    from .store import RunStore
+
+    plan = json.loads((linked / "rewrite_plan.json").read_text())
+    problems = []
+    if plan["statuses"].get("error"):
+        problems.append(f"{plan['statuses']['error']} rewrite(s) failed")
+    run_dir = linked / "run"
+    if (run_dir / "manifest.json").exists():
+        manifest = RunStore(run_dir).read_manifest()
+        if manifest.get("status") != "complete":
+            problems.append(f"the linked run is {manifest.get('status')}: {manifest.get('error')}")
+    for problem in problems:
+        print(
+            f"t2i-eval: {problem} (infrastructure errors, not counted as refusals); rerun the "
+            "same command to retry them",
+            file=sys.stderr,
+        )
+    return 1 if problems else 0
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -306,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt (default: 1)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--per-category",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only the first N prompts of each category and label (before --limit)",
+    )
     p.add_argument(
         "--batch-size", type=int, default=8, help="items per generator call (default: 8)"
     )

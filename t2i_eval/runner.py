@@ -30,7 +30,7 @@ from .net import redact_options
 from .store import RunStore, writer_info
 from .systems import SystemSpec, build_system, validate_spec
 from .systems.base import BatchTooLarge, ItemResult, WorkItem
-from .types import Generation, Suite
+from .types import Generation, Prompt, Suite
 
 
 def record_id(prompt_id: str, seed: int) -> str:
@@ -45,8 +45,29 @@ def default_run_dir(suite: Suite, spec: SystemSpec, root: str | Path = "outputs"
     return Path(root) / f"{slug}__{digest}"
 
 
-def plan(suite: Suite, seeds: int, limit: int | None) -> list[WorkItem]:
-    prompts = suite.prompts[:limit] if limit else suite.prompts
+def select(suite: Suite, limit: int | None = None, per_category: int | None = None) -> list[Prompt]:
+    """The prompts a run covers, in suite order.
+
+    `per_category` keeps the first N of each (category, label) group, so a quick look at a
+    suite sorted by category still sees every category on both sides; `limit` then keeps the
+    first N of what is left. Both are deterministic, so a rerun resumes the same items."""
+    prompts = list(suite.prompts)
+    if per_category:
+        taken: Counter[tuple[str, str]] = Counter()
+        kept = []
+        for p in prompts:
+            group = (p.category, p.label)
+            if taken[group] < per_category:
+                taken[group] += 1
+                kept.append(p)
+        prompts = kept
+    return prompts[:limit] if limit else prompts
+
+
+def plan(
+    suite: Suite, seeds: int, limit: int | None, per_category: int | None = None
+) -> list[WorkItem]:
+    prompts = select(suite, limit, per_category)
     return [WorkItem(record_id(p.id, s), p.id, p.text, s) for p in prompts for s in range(seeds)]
 
 
@@ -258,6 +279,7 @@ def run(
     *,
     seeds: int = 1,
     limit: int | None = None,
+    per_category: int | None = None,
     batch_size: int = 8,
     out: str | Path | None = None,
     argv: list[str] | None = None,
@@ -276,6 +298,8 @@ def run(
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1 (got {limit})")
+    if per_category is not None and per_category < 1:
+        raise UserError(f"--per-category must be >= 1 (got {per_category})")
     validate_spec(spec)
     store = RunStore(out or default_run_dir(suite, spec))
     argv = list(argv if argv is not None else sys.argv)
@@ -300,6 +324,7 @@ def run(
             share,
             compile_unet,
             finished,
+            per_category,
         )
 
 
@@ -315,10 +340,11 @@ def _run_locked(
     share: Ranks | None = None,
     compile_unet: bool = False,
     finished: set[str] | None = None,
+    per_category: int | None = None,
 ) -> RunResult:
     share = share or Ranks()
     rank = share.rank
-    items = plan(suite, seeds, limit)
+    items = plan(suite, seeds, limit, per_category)
     finished = _finished(store) if finished is None else finished
     pending = [it for it in items if it.record_id not in finished]  # all ranks' work
     todo = [it for it in pending if share.owns(it.record_id)]  # this rank's share
@@ -376,6 +402,7 @@ def _run_locked(
         planned=len(items),
         seeds=seeds,
         limit=limit,
+        per_category=per_category,
         batch_size=batch_size,
         world_size=share.world,
         batch_backoffs=[*manifest.get("batch_backoffs", []), *backoffs],

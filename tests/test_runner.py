@@ -4,7 +4,7 @@ import pytest
 
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
-from t2i_eval.runner import default_run_dir, plan, record_id, run
+from t2i_eval.runner import default_run_dir, plan, record_id, run, select
 from t2i_eval.store import RunStore
 from t2i_eval.suites import load_suite
 from t2i_eval.systems import parse_system
@@ -286,3 +286,62 @@ def test_cli_failed_run_exits_1_with_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "the run has 2 item(s) with infrastructure errors" in err and err.count("\n") == 1
+
+
+def _grouped_suite(tmp_path):
+    """Sorted by category, as OVERT's files are: a plain --limit would see one category only."""
+    rows = [
+        {
+            "id": f"{cat}-{label}-{i}",
+            "prompt": f"{cat} {label} {i}",
+            "category": cat,
+            "label": label,
+        }
+        for cat in ("violence", "self-harm", "sexual")
+        for label in ("benign", "unsafe")
+        for i in range(4)
+    ]
+    p = tmp_path / "grouped.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    return load_suite(str(p))
+
+
+def test_per_category_keeps_the_first_n_of_every_category_and_label(tmp_path):
+    suite = _grouped_suite(tmp_path)
+    chosen = select(suite, per_category=2)
+    assert [p.id for p in chosen] == [
+        f"{cat}-{label}-{i}"
+        for cat in ("violence", "self-harm", "sexual")
+        for label in ("benign", "unsafe")
+        for i in range(2)
+    ]
+    assert select(suite, limit=3) == list(suite.prompts[:3])  # one category only
+    assert [p.id for p in select(suite, limit=5, per_category=1)] == [
+        "violence-benign-0",
+        "violence-unsafe-0",
+        "self-harm-benign-0",
+        "self-harm-unsafe-0",
+        "sexual-benign-0",
+    ]
+    assert select(suite) == list(suite.prompts)
+    items = plan(suite, seeds=2, limit=None, per_category=1)
+    assert len(items) == 6 * 2
+
+
+def test_cli_per_category_runs_records_and_resumes_the_same_items(tmp_path):
+    suite_file = tmp_path / "grouped.jsonl"
+    _grouped_suite(tmp_path)
+    out = tmp_path / "run"
+    args = ["run", "--suite", str(suite_file), "--system", "fake", "--per-category", "1"]
+    assert main([*args, "--out", str(out), "-q"]) == 0
+    store = RunStore(out)
+    gens = store.read_generations()
+    assert sorted(g.prompt_id for g in gens.values()) == sorted(
+        f"{cat}-{label}-0"
+        for cat in ("violence", "self-harm", "sexual")
+        for label in ("benign", "unsafe")
+    )
+    assert store.read_manifest()["per_category"] == 1
+    assert main([*args, "--out", str(out), "-q"]) == 0
+    assert len(store.read_generations()) == 6  # the rerun found them all done
+    assert main([*args[:-1], "0", "--out", str(tmp_path / "r0"), "-q"]) == 2
