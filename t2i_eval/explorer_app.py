@@ -351,6 +351,51 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+#: All the explorer's pages load through Gradio's file route: the runs' images.
+SERVED_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_FILE_ROUTE = "/file="
+
+
+def file_request_allowed(path: str) -> bool:
+    """Whether a request path may reach Gradio's `file=` route (any other path may).
+
+    Gradio serves every file type under `allowed_paths` inline with its own MIME type, so an
+    HTML page inside a run folder (one's own report, or a run folder from someone else) would
+    run script in the explorer's origin, where the live tab is; and the same route fetches any
+    public http(s) URL on a visitor's behalf. The explorer needs neither: only images pass."""
+    i = path.find(_FILE_ROUTE)
+    if i < 0:
+        return True
+    target = path[i + len(_FILE_ROUTE) :]
+    if "://" in target or target.lower().startswith(("http:", "https:", "//")):
+        return False
+    return target.lower().endswith(SERVED_SUFFIXES)
+
+
+class OnlyRunImages:
+    """ASGI middleware in front of the whole Gradio app: applies `file_request_allowed`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not file_request_allowed(scope.get("path", "")):
+            body = b"t2i-eval explorer: only run images are served\n"
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def _blocked_folders() -> list[Path]:
     """Folders Gradio serves besides `allowed_paths` (its upload folder, shared by every Gradio
     app on the machine, and the examples cache): blocked, so only RUNS_DIR is served."""
@@ -385,6 +430,8 @@ def launch(
             f"explorer: WARNING: serving on {host}: anyone who can reach this machine can read "
             f"the runs under {runs} and run the live tab's systems"
         )
+    from starlette.middleware import Middleware
+
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     try:
         port = port or free_port(host)
@@ -396,6 +443,7 @@ def launch(
             allowed_paths=[str(runs)],
             blocked_paths=[str(b) for b in blocked],
             max_file_size=0,  # the explorer takes no uploads
+            app_kwargs={"middleware": [Middleware(OnlyRunImages)]},
             quiet=True,
             ssr_mode=False,
             mcp_server=False,

@@ -187,6 +187,21 @@ def test_explorer_serves_only_the_runs_directory(explorer, browser, runs):
     assert status(f"{runs}/plain/../../secret.txt") in (403, 404)
     assert status("/etc/passwd") in (403, 404)
     assert status(Path(__file__)) in (403, 404)  # the working tree is not served either
+    # inside the runs folder, only images: an HTML page there would run script in the
+    # explorer's origin (Gradio serves allowed files inline, with their own MIME type)
+    page_in_run = runs / "plain" / "planted.html"
+    page_in_run.write_text("<script>document.title = 'ran'</script>")
+    (runs / "plain" / "notes.txt").write_text("text")
+    try:
+        assert status(page_in_run) == 403
+        assert status(runs / "plain" / "notes.txt") == 403
+        assert status(runs / "plain" / "manifest.json") == 403
+    finally:
+        page_in_run.unlink()
+        (runs / "plain" / "notes.txt").unlink()
+    # and the route fetches no URL on a visitor's behalf
+    assert status("https://example.com/cat.png") == 403
+    assert status("http://127.0.0.1:9/x.png") == 403
     # Gradio's own upload folder (shared by every Gradio app here) is blocked, uploads refused
     from gradio import utils as gu
 

@@ -258,3 +258,28 @@ def test_summary_rows_carry_intervals(tmp_path):
     micro = next(r for r in table if r[1] == "all (micro)")
     assert "[" in micro[2] and "/ 9)" in micro[2]  # rate (k / n) [CI] over the 9 benign
     assert "synthetic" in facts  # manifest facts shown
+
+
+@pytest.mark.parametrize(
+    "path,allowed",
+    [
+        ("/gradio_api/file=/runs/r/images/ab.png", True),
+        ("/gradio_api/file=/runs/r/images/AB.JPG", True),
+        ("/gradio_api/file=/runs/r/images/x.webp", True),
+        ("/gradio_api/file=/runs/r/report/index.html", False),
+        ("/gradio_api/file=/runs/r/manifest.json", False),
+        ("/gradio_api/file=/runs/r/generations/rank-0.jsonl", False),
+        ("/gradio_api/file=/runs/r/x.svg", False),  # SVG can carry script
+        ("/gradio_api/file=https://example.com/cat.png", False),  # no fetching for visitors
+        ("/gradio_api/file=http://127.0.0.1:9/cat.png", False),
+        ("/gradio_api/file=//example.com/cat.png", False),
+        ("/gradio_api/file=HTTPS:/example.com/cat.png", False),
+        ("/", True),  # the page and Gradio's own routes are not its business
+        ("/gradio_api/queue/join", True),
+        ("/gradio_api/info", True),
+    ],
+)
+def test_the_file_route_serves_run_images_only(path, allowed):
+    from t2i_eval.explorer_app import file_request_allowed
+
+    assert file_request_allowed(path) is allowed
