@@ -303,6 +303,20 @@ def test_rpm_paces_every_attempt_on_a_fake_clock(api):
     assert starts == [100.0, 102.0, 104.0, 106.0]  # 30 rpm = one start every 2 s, retries too
 
 
+@pytest.mark.parametrize("world,processes", [(None, 1), ("1", 1), ("4", 4), ("junk", 1), ("0", 1)])
+def test_rpm_is_the_whole_runs_budget_shared_by_its_processes(api, monkeypatch, world, processes):
+    # under torchrun every rank builds its own generator: each paces at rpm / WORLD_SIZE, so
+    # together they stay within the provider's limit the spec names
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    gen = make("openai", api.url, rpm=30)
+    assert gen.client.limiter.interval == 2.0 * processes  # 30 rpm alone: one start per 2 s
+    transport = gen.info()["transport"]
+    assert transport["rpm"] == 30 and transport["processes"] == processes
+
+
 def test_rate_limiter_slots_under_threads():
     limiter = RateLimiter(60, clock=lambda: 0.0, sleep=lambda s: None)
     waits: list[float] = []

@@ -65,6 +65,15 @@ _MODEL_ID = re.compile(r"^[A-Za-z0-9._\-/]+$")
 #: Set by `ImageAPI.check_options`: validate option values only (no key needed, no client).
 _CHECK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("check_only", default=False)
 
+
+def _world_size() -> int:
+    """Processes sharing one provider budget (torchrun / accelerate set WORLD_SIZE); 1 alone."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 #: Placeholder rule, on a 32x32 grey copy: "black" when mean luminance <= BLACK_MAX_MEAN and
 #: std <= BLACK_MAX_STD (what fal and diffusers-style checkers return); "flat" when std <=
 #: FLAT_MAX_STD (one colour: no generated picture is that uniform).
@@ -240,7 +249,8 @@ class ImageAPI:
     max_backoff: float = 60.0
     """No single wait is longer, whatever Retry-After asks."""
     rpm: float | None = None
-    """Requests per minute for this provider (retries included), evenly spaced; None: no limit."""
+    """Requests per minute for this provider (retries included), evenly spaced; None: no limit.
+    The whole run's budget: under torchrun each of WORLD_SIZE processes paces at rpm / WORLD_SIZE."""
     concurrency: int = 4
     """Requests in flight at once within a batch."""
     placeholder: bool = True
@@ -265,7 +275,7 @@ class ImageAPI:
             max_attempts=self.max_attempts,
             backoff=self.backoff,
             max_backoff=self.max_backoff,
-            rpm=self.rpm,
+            rpm=self.rpm / _world_size() if self.rpm else None,
             concurrency=self.concurrency,
         )
 
@@ -338,6 +348,7 @@ class ImageAPI:
                 "backoff": self.backoff,
                 "max_backoff": self.max_backoff,
                 "rpm": self.rpm,
+                "processes": _world_size(),
                 "concurrency": self.concurrency,
             },
         }
