@@ -228,16 +228,23 @@ class RateLimiter:
         self.interval = 60.0 / rpm if rpm else 0.0
         self.clock, self.sleep = clock, sleep
         self._next: float | None = None
+        self._paused_until = float("-inf")
         self._lock = threading.Lock()
+
+    def pause(self, seconds: float) -> None:
+        """No request starts for `seconds` from now (a server's "slow down" is for the key,
+        not for the one request that heard it); a longer pause already set stays."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, self.clock() + seconds)
 
     def reserve(self) -> float:
         """Claim the next start slot; returns how long to wait for it."""
-        if not self.interval:
-            return 0.0
         with self._lock:
             now = self.clock()
-            start = now if self._next is None else max(now, self._next)
-            self._next = start + self.interval
+            start = max(now, self._paused_until)
+            if self.interval:
+                start = start if self._next is None else max(start, self._next)
+                self._next = start + self.interval
             return start - now
 
     def acquire(self) -> None:
@@ -328,7 +335,14 @@ class HttpClient:
                 e.message = _redact(e.message, secrets)
                 e.args = (e.message,)
                 e.attempts = attempt
+                # A rate limit (429, or any answer with Retry-After) is for the key, not for
+                # this one request: every request of this client waits it out, this retry too
+                # (its next start waits in the limiter), and so does the next item after a
+                # last attempt, instead of spending their attempts on the same 429s.
+                shared = paced and (e.status == 429 or e.retry_after is not None)
                 if attempt == self.max_attempts:
+                    if shared:
+                        self.limiter.pause(self.delay(attempt, e.retry_after))
                     raise
                 wait = self.delay(attempt, e.retry_after)
                 log.info(
@@ -339,7 +353,10 @@ class HttpClient:
                     self.max_attempts - 1,
                     wait,
                 )
-                self.sleep(wait)
+                if shared:
+                    self.limiter.pause(wait)
+                else:
+                    self.sleep(wait)
         raise AssertionError("unreachable")
 
     def _once(

@@ -254,7 +254,9 @@ def test_downloads_follow_redirects_but_keyed_requests_never_do(api):
 def test_retries_honour_retry_after_and_are_bounded(api):
     gen = make("openai", api.url, max_attempts=4, backoff=0.001, max_backoff=30.0)
     waits: list[float] = []
-    gen.client.sleep = waits.append
+    now = [0.0]  # a fake clock: waiting moves it, nothing really waits
+    gen.client.clock = lambda: now[0]
+    gen.client.sleep = lambda s: (waits.append(s), now.__setitem__(0, now[0] + s))
     api.retry_after = "7"
     (r,) = gen.generate(["a bridge [r429,ok]"], [0])
     assert outcome(r) == "ok" and waits == [7.0]
@@ -264,6 +266,37 @@ def test_retries_honour_retry_after_and_are_bounded(api):
     assert outcome(r) == "error" and waits == [30.0, 30.0, 30.0]
     assert len(api.requests_for("a tower [r429]")) == 4  # max_attempts, no more
     assert "HTTP 429" in r.decision.message and r.decision.raw["attempts"] == 4
+
+
+def test_a_rate_limit_holds_back_the_next_items_too(api):
+    # one item's 429 is the key's: the items after it wait out the same Retry-After instead of
+    # spending their own attempts on more 429s (concurrency 1 keeps the order fixed)
+    gen = make("openai", api.url, concurrency=1, max_attempts=1, backoff=0.001, max_backoff=30.0)
+    now, starts = [100.0], []
+    gen.client.clock = lambda: now[0]
+    gen.client.sleep = lambda s: now.__setitem__(0, now[0] + s)
+    exchange = gen.client._exchange
+    gen.client._exchange = lambda *args: (starts.append(now[0]), exchange(*args))[1]
+    api.retry_after = "7"
+    results = gen.generate(["first [r429]", "second [ok]", "third [r500]", "fourth [ok]"], [0] * 4)
+    assert [outcome(r) for r in results] == ["error", "ok", "error", "ok"]
+    assert starts == [100.0, 107.0, 107.0, 107.0]  # a 500 is that request's own trouble
+
+
+def test_limiter_pause_is_shared_and_never_shortened():
+    now = [100.0]
+    limiter = RateLimiter(None, clock=lambda: now[0], sleep=lambda s: None)
+    assert limiter.reserve() == 0.0
+    limiter.pause(7.0)
+    limiter.pause(2.0)  # a shorter pause asked later keeps the longer one
+    assert limiter.reserve() == 7.0
+    now[0] = 105.0
+    assert limiter.reserve() == 2.0
+    now[0] = 107.5
+    assert limiter.reserve() == 0.0
+    paced = RateLimiter(60, clock=lambda: now[0], sleep=lambda s: None)  # one start per second
+    paced.pause(3.0)
+    assert [paced.reserve() for _ in range(3)] == [3.0, 4.0, 5.0]
 
 
 def test_backoff_doubles_with_jitter_and_caps():

@@ -120,10 +120,17 @@ def server():
 
 
 def test_http_backend_statuses_retries_and_key(server, monkeypatch):
+    import t2i_eval.net as net
     import t2i_eval.rewrite as rewrite
 
-    waits = []
-    monkeypatch.setattr(rewrite.time, "sleep", waits.append)
+    waits, now = [], [0.0]
+
+    def sleep(seconds):  # a fake clock: waiting moves it, nothing really waits
+        waits.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(rewrite.time, "sleep", sleep)
+    monkeypatch.setattr(net, "_real_clock", lambda: now[0])
     monkeypatch.setenv("MY_TEST_KEY", "sk-planted-123")
     rw = build_rewriter(
         "llm:tiny-chat", base_url=server, api_key_env="MY_TEST_KEY", max_new_tokens=40
