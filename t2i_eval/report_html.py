@@ -17,12 +17,21 @@ import html
 import io
 import itertools
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .report import RunData, load_run, weight_warnings
-from .stats import CATEGORIES, Cell, Table, fmt_clustered, mcnemar_exact, outcome
+from .stats import (
+    CATEGORIES,
+    Cell,
+    Table,
+    fmt_clustered,
+    mcnemar_clustered,
+    mcnemar_exact,
+    outcome,
+)
 from .store import RunStore, atomic_write_bytes
 
 OUTCOMES = ("complied", "prompt_guard", "generator", "image_guard", "blank", "sanitization")
@@ -130,7 +139,9 @@ def _score(table: Table) -> tuple[float | None, float, float]:
 
 
 def _paired(a: RunData, b: RunData) -> dict[str, Any]:
-    """McNemar on benign and on unsafe records both runs have (same record id)."""
+    """McNemar on benign and on unsafe records both runs have (same record id): exact with one
+    seed per prompt; with several, the clustered test (prompts are the clusters), since
+    seeds of one prompt are not independent evidence."""
 
     def refused(d: RunData, rid: str) -> bool | None:
         o, _ = outcome(d.gens[rid], d.blank.get(rid), d.sanitization.get(rid))
@@ -139,21 +150,33 @@ def _paired(a: RunData, b: RunData) -> dict[str, Any]:
     label = {p.id: p.label for p in a.prompts}
     out = {}
     for lab in ("benign", "unsafe"):
-        only_a = only_b = n = 0
+        n = 0
+        per_prompt: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # only A, only B, n
         for rid in set(a.gens) & set(b.gens):
-            if label.get(a.gens[rid].prompt_id) != lab:
+            prompt = a.gens[rid].prompt_id
+            if label.get(prompt) != lab:
                 continue
             ra, rb = refused(a, rid), refused(b, rid)
             if ra is None or rb is None:
                 continue
             n += 1
-            only_a += ra and not rb
-            only_b += rb and not ra
+            counts = per_prompt[prompt]
+            counts[0] += ra and not rb
+            counts[1] += rb and not ra
+            counts[2] += 1
+        only_a = sum(c[0] for c in per_prompt.values())
+        only_b = sum(c[1] for c in per_prompt.values())
+        clustered = any(c[2] > 1 for c in per_prompt.values())
         out[lab] = {
             "shared": n,
             "only_a": only_a,
             "only_b": only_b,
-            "p": mcnemar_exact(only_a, only_b),
+            "test": "clustered" if clustered else "exact",
+            "p": (
+                mcnemar_clustered([(c[0], c[1]) for c in per_prompt.values()])
+                if clustered
+                else mcnemar_exact(only_a, only_b)
+            ),
         }
     return out
 
@@ -278,13 +301,16 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
                 pairs.append(
                     f"<tr><td>{_e(na)}</td><td>{_e(nb)}</td><td>{lab}</td>"
                     f"<td>{r['shared']}</td><td>{r['only_a']}</td><td>{r['only_b']}</td>"
-                    f"<td>{r['p']:.3g}</td></tr>"
+                    f"<td>{r['p']:.3g}{'' if r['test'] == 'exact' else ' (clustered)'}</td></tr>"
                 )
         parts.append(
             f"<section><h2>Leaderboard</h2><p>{_e(SCORE_FORMULA)}. Cells: benign "
             f"over-refusal / unsafe refusal.</p><table>{''.join(lead)}</table>"
-            f"<h3>Paired significance</h3><p>Exact McNemar test on the records both "
-            f"runs have (same prompt id and seed).</p><table>{''.join(pairs)}</table>"
+            f"<h3>Paired significance</h3><p>McNemar test on the records both runs have "
+            "(same prompt id and seed): exact with one seed per prompt; marked (clustered) "
+            "with several, the clustered test of Durkalski et al. (2003) with prompts as "
+            "clusters, as a prompt's seeds are not independent.</p>"
+            f"<table>{''.join(pairs)}</table>"
             "</section>"
         )
     for i, (name, (d, data)) in enumerate(zip(names, runs, strict=True)):

@@ -736,6 +736,23 @@ def guard_metrics(prompts: list[Prompt], gens: dict[str, Generation]) -> dict[st
     return out
 
 
+def mcnemar_clustered(discordant: list[tuple[int, int]]) -> float:
+    """McNemar p-value when pairs come in clusters (several seeds of one prompt): Durkalski et
+    al. (2003), X^2 = (B - C)^2 / sum_k (b_k - c_k)^2 on 1 degree of freedom, where b_k and c_k
+    count cluster k's pairs discordant each way and B, C their sums.
+
+    Seeds of one prompt agree more often than independent pairs, and the plain test would
+    count each as new evidence (too small a p). With one pair per cluster the statistic is the
+    usual uncorrected McNemar chi-square, (B - C)^2 / (B + C)."""
+    big_b = sum(b for b, _ in discordant)
+    big_c = sum(c for _, c in discordant)
+    spread = sum((b - c) ** 2 for b, c in discordant)
+    if spread == 0:  # every cluster balanced, so B == C
+        return 1.0
+    chi2 = (big_b - big_c) ** 2 / spread
+    return math.erfc(math.sqrt(chi2 / 2))
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for b and c discordant pairs: 2 * P(X <= min(b, c)) with
     X ~ Binomial(b + c, 1/2), capped at 1."""

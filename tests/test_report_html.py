@@ -6,7 +6,7 @@ import re
 import pytest
 
 from t2i_eval.cli import main
-from t2i_eval.stats import mcnemar_exact
+from t2i_eval.stats import mcnemar_clustered, mcnemar_exact
 from t2i_eval.types import CATEGORIES
 
 pytest.importorskip("matplotlib")
@@ -72,3 +72,33 @@ def test_single_run_html_goes_beside_the_report(two_runs):
     assert main(["report", str(a), "--html"]) == 0
     page = (a / "report" / "html" / "index.html").read_text()
     assert "Leaderboard" not in page and "class='per-category'" in page
+
+
+def test_paired_test_with_several_seeds_is_clustered_by_prompt(tmp_path):
+    # the blocklist refuses a prompt on every seed: each refused prompt is one piece of
+    # evidence, not `seeds` of them, so the clustered test (prompts as clusters) is used
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "--system", "blocklist>fake", "--seeds", "2", "--out", str(a), "-q"]) == 0
+    assert main(["run", "--system", "fake", "--seeds", "2", "--out", str(b), "-q"]) == 0
+    out = tmp_path / "html"
+    assert main(["report", str(a), str(b), "--html", "--html-out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    ra, rb = _refused_benign(a), _refused_benign(b)
+    prompt_of = {
+        json.loads(x)["record_id"]: json.loads(x)["prompt_id"]
+        for x in (a / "generations" / "rank-0.jsonl").read_text().splitlines()
+    }
+    clusters: dict[str, list[int]] = {}
+    for rid in ra:
+        c = clusters.setdefault(prompt_of[rid], [0, 0])
+        c[0] += ra[rid] and not rb[rid]
+        c[1] += rb[rid] and not ra[rid]
+    only_a = sum(c[0] for c in clusters.values())
+    only_b = sum(c[1] for c in clusters.values())
+    assert only_a > 0 and all(c[0] in (0, 2) for c in clusters.values())  # seeds agree
+    p = mcnemar_clustered([tuple(c) for c in clusters.values()])
+    assert (
+        f"<td>benign</td><td>{len(ra)}</td><td>{only_a}</td><td>{only_b}</td>"
+        f"<td>{p:.3g} (clustered)</td>"
+    ) in page
+    assert p > mcnemar_exact(only_a, only_b)  # the per-seed count overstated the evidence

@@ -1,8 +1,18 @@
 import math
+import random
 
 import pytest
 
-from t2i_eval.stats import Cell, fmt_rate, macro, outcome, tabulate, wilson
+from t2i_eval.stats import (
+    Cell,
+    fmt_rate,
+    macro,
+    mcnemar_clustered,
+    mcnemar_exact,
+    outcome,
+    tabulate,
+    wilson,
+)
 from t2i_eval.types import Generation, Prompt, StageDecision, Verdict
 
 
@@ -254,3 +264,40 @@ def test_safe_response_needs_a_harm_verdict_for_every_accepted_record():
         "violence", "unsafe"
     )
     assert (cell.safe_k, cell.safe_n, cell.safe_unknown) == (1, 2, 0)
+
+
+def test_clustered_mcnemar_reduces_to_the_plain_chi_square_with_one_pair_per_cluster():
+    stats = pytest.importorskip("scipy.stats")
+    for b, c in [(7, 2), (3, 3), (10, 0), (1, 4)]:
+        clusters = [(1, 0)] * b + [(0, 1)] * c + [(0, 0)] * 5
+        want = 1.0 if b == c else stats.chi2.sf((b - c) ** 2 / (b + c), 1)
+        assert mcnemar_clustered(clusters) == pytest.approx(want)
+    assert mcnemar_clustered([]) == 1.0 and mcnemar_clustered([(2, 2), (0, 0)]) == 1.0
+
+
+def test_clustered_mcnemar_worked_example():
+    # B = 4, C = 1, sum (b_k - c_k)^2 = 4 + 4 + 1 = 9: X^2 = 9 / 9 = 1, p = P(chi2_1 > 1)
+    assert mcnemar_clustered([(2, 0), (2, 0), (0, 1)]) == pytest.approx(0.31731, abs=1e-5)
+
+
+def test_clustered_mcnemar_holds_its_size_where_seeds_agree():
+    # Null: no difference between systems, but a prompt that is discordant is so on all 4
+    # seeds, in a direction drawn at random. Counting each seed as its own pair inflates the
+    # evidence (about 4x the variance of B - C, so the exact test rejects about a third of the
+    # time at alpha 0.05); the clustered test must stay near 0.05.
+    rng = random.Random(7)
+    reps, prompts, seeds = 2000, 40, 4
+    naive = clustered = 0
+    for _ in range(reps):
+        clusters = []
+        for _ in range(prompts):
+            if rng.random() < 0.3:
+                clusters.append((seeds, 0) if rng.random() < 0.5 else (0, seeds))
+            else:
+                clusters.append((0, 0))
+        b = sum(x for x, _ in clusters)
+        c = sum(y for _, y in clusters)
+        naive += mcnemar_exact(b, c) < 0.05
+        clustered += mcnemar_clustered(clusters) < 0.05
+    assert naive / reps > 0.2
+    assert 0.02 <= clustered / reps <= 0.08
