@@ -57,9 +57,10 @@ def main() -> int:
             progress=True,
         )
         all_prompts = key == "unsafe"
-        linked, table = run_rewrite(
+        result = run_rewrite(
             run_dir, "rule", all_prompts=all_prompts, out=out / f"{key}__rw-rule", progress=True
         )
+        linked, table = result.linked, result.text
         seconds = time.perf_counter() - start
         cmd = (
             f"t2i-eval run --suite ../shared/data/overt/{path.name} --system guards "

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 from .errors import UserError, did_you_mean
@@ -93,18 +91,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"run directory: {result.run_dir} ({result.done} generated, {result.skipped} already done)"
     )
     print(f"report: {result.run_dir / 'report' / 'report.md'}")
-    failed = [
-        (name, r.failed)
-        for name, r in (("run", result), ("reference run", ref_result))
-        if r is not None and r.failed
-    ]
-    for name, n in failed:
+    return _infrastructure_errors(
+        [
+            (f"the {name}", r.failed)
+            for name, r in (("run", result), ("reference run", ref_result))
+            if r is not None and r.failed
+        ]
+    )
+
+
+def _infrastructure_errors(failures: list[tuple[str, int]]) -> int:
+    """Exit code 1 (with one line each) when items ended in infrastructure errors, so a script
+    chaining commands does not take a partial result for a finished one; else 0."""
+    for what, n in failures:
         print(
-            f"t2i-eval: the {name} has {n} item(s) with infrastructure errors (not counted as "
+            f"t2i-eval: {what} has {n} item(s) with infrastructure errors (not counted as "
             "refusals); rerun the same command to retry them",
             file=sys.stderr,
         )
-    return 1 if failed else 0
+    return 1 if failures else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -171,7 +176,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
-    linked, text = run_rewrite(
+    result = run_rewrite(
         args.run_dir,
         args.rewriter,
         all_prompts=args.all,
@@ -182,32 +187,10 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=not args.quiet,
     )
-    print(text)
+    print(result.text)
+    linked = result.linked
     print(f"linked run: {linked / 'run'}; rewrites: {linked / 'rewrites.jsonl'}")
-    return _rewrite_exit_code(linked)
-
-
-def _rewrite_exit_code(linked: Path) -> int:
-    """1 when rewriter calls or the linked run's items ended in infrastructure errors, as `run`
-    does: a script chaining commands must not take a partial comparison for a finished one."""
-    from .store import RunStore
-
-    plan = json.loads((linked / "rewrite_plan.json").read_text())
-    problems = []
-    if plan["statuses"].get("error"):
-        problems.append(f"{plan['statuses']['error']} rewrite(s) failed")
-    run_dir = linked / "run"
-    if (run_dir / "manifest.json").exists():
-        manifest = RunStore(run_dir).read_manifest()
-        if manifest.get("status") != "complete":
-            problems.append(f"the linked run is {manifest.get('status')}: {manifest.get('error')}")
-    for problem in problems:
-        print(
-            f"t2i-eval: {problem} (infrastructure errors, not counted as refusals); rerun the "
-            "same command to retry them",
-            file=sys.stderr,
-        )
-    return 1 if problems else 0
+    return _infrastructure_errors(result.failures)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:

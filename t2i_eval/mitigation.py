@@ -73,6 +73,16 @@ class CategoryResult:
     linked_errors: int = 0
 
 
+@dataclass
+class RewriteResult:
+    linked: Path
+    """The linked folder: rewrites.jsonl, rewrite_plan.json, report.md and the linked run."""
+    text: str
+    """The before/after report (markdown)."""
+    failures: list[tuple[str, int]] = field(default_factory=list)
+    """(what, items) that ended in infrastructure errors: rewriter calls, the linked run."""
+
+
 def run_rewrite(
     run_dir: str | Path,
     rewriter: str = "rule",
@@ -84,7 +94,7 @@ def run_rewrite(
     api_key_env: str | None = None,
     max_new_tokens: int = 96,
     progress: bool = True,
-) -> tuple[Path, str]:
+) -> RewriteResult:
     parent_dir = Path(run_dir)
     parent = load_run(parent_dir)
     seeds = max(Counter(g.prompt_id for g in parent.gens.values()).values(), default=1)
@@ -150,6 +160,8 @@ def run_rewrite(
             "statuses": dict(Counter(r.status for r in rewrites)),
         },
     )
+    errors = sum(r.status == "error" for r in rewrites)
+    failures = [("the rewriter", errors)] if errors else []
     if new_prompts:
         suite = Suite(
             f"{parent.manifest['suite']['name']}-rw",
@@ -157,7 +169,7 @@ def run_rewrite(
             version=rw.key,
             source=f"rewrite of {parent_dir}",
         )
-        run(
+        result = run(
             suite,
             spec,
             seeds=seeds,
@@ -177,8 +189,10 @@ def run_rewrite(
                 progress=progress,
             )
         RunStore(linked / "run").update_manifest(parent_run=str(parent_dir), rewriter=rw.spec)
+        if result.failed:
+            failures.append(("the linked run", result.failed))
     text = rewrite_report(parent_dir, linked, rewrites, seeds, clip=clip)
-    return linked, text
+    return RewriteResult(linked, text, failures)
 
 
 def _guard_check(spec: Any) -> Any:

@@ -265,25 +265,17 @@ def _known_run(tmp_path, lexicon):
     return guarded_run(tmp_path, rows, ["gun"])
 
 
+def _rule_rewrite(run_dir, lexicon, out, *extra: str) -> int:
+    """`t2i-eval rewrite RUN --rewriter rule:LEXICON --out OUT -q [extra]`; its exit code."""
+    argv = ["rewrite", str(run_dir), "--rewriter", f"rule:{lexicon}", "--out", str(out), "-q"]
+    return main([*argv, *extra])
+
+
 def test_rewrite_net_figure_on_known_run(tmp_path, lexicon, capsys):
     pytest.importorskip("sentence_transformers")
     out = _known_run(tmp_path, lexicon)
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "rewrite",
-                str(out),
-                "--rewriter",
-                f"rule:{lexicon}",
-                "--all",
-                "--out",
-                str(tmp_path / "rw"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert _rule_rewrite(out, lexicon, tmp_path / "rw", "--all") == 0
     text = capsys.readouterr().out
     s = json.loads((tmp_path / "rw" / "summary.json").read_text())["categories"]["violence"]
     assert s["before"] == [1, 2] and s["after"] == [0, 2]
@@ -303,20 +295,7 @@ def test_rewrite_net_figure_on_known_run(tmp_path, lexicon, capsys):
 def test_rewrite_default_only_refused_benign(tmp_path, lexicon):
     pytest.importorskip("sentence_transformers")
     out = _known_run(tmp_path, lexicon)
-    assert (
-        main(
-            [
-                "rewrite",
-                str(out),
-                "--rewriter",
-                f"rule:{lexicon}",
-                "--out",
-                str(tmp_path / "rw"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert _rule_rewrite(out, lexicon, tmp_path / "rw") == 0
     plan = json.loads((tmp_path / "rw" / "rewrite_plan.json").read_text())
     assert plan["selected"] == 1 and plan["valid"] == 1
 
@@ -470,21 +449,7 @@ def test_rewrite_pairs_per_prompt_and_respects_the_parent_limit(tmp_path, lexico
         ("a gun fight", "unsafe"),
     ]
     out = guarded_run(tmp_path, rows, ["gun"], "--seeds", "3", "--limit", "4")
-    assert (
-        main(
-            [
-                "rewrite",
-                str(out),
-                "--rewriter",
-                f"rule:{lexicon}",
-                "--all",
-                "--out",
-                str(tmp_path / "rw"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert _rule_rewrite(out, lexicon, tmp_path / "rw", "--all") == 0
     plan = json.loads((tmp_path / "rw" / "rewrite_plan.json").read_text())
     assert plan["selected"] == 4  # the parent ran 4 prompts (--limit 4), not the 5 of the suite
     s = json.loads((tmp_path / "rw" / "summary.json").read_text())["categories"]["violence"]
@@ -496,20 +461,7 @@ def test_rewrite_without_all_does_not_claim_zero_leakage(tmp_path, lexicon, caps
     pytest.importorskip("sentence_transformers")
     out = _known_run(tmp_path, lexicon)
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "rewrite",
-                str(out),
-                "--rewriter",
-                f"rule:{lexicon}",
-                "--out",
-                str(tmp_path / "rw"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert _rule_rewrite(out, lexicon, tmp_path / "rw") == 0
     text = capsys.readouterr().out
     assert "leakage is not measured (n/a)" in text and "| n/a | +1 (benign only) |" in text
 
@@ -528,7 +480,8 @@ def test_rewrite_exits_1_while_rewriter_calls_fail_then_0_once_retried(
     capsys.readouterr()
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "1 rewrite(s) failed" in err and "rerun the same command" in err
+    assert "the rewriter has 1 item(s) with infrastructure errors" in err
+    assert "rerun the same command" in err
     plan = json.loads((tmp_path / "rw" / "rewrite_plan.json").read_text())
     assert plan["statuses"] == {"error": 1} and plan["valid"] == 0
     _Script.failures["r500"] = 0  # back up: the rerun retries the error and completes
@@ -557,7 +510,7 @@ def test_rewrite_exits_1_when_the_linked_run_has_infrastructure_errors(tmp_path,
     argv = ["rewrite", str(out), "--rewriter", f"rule:{lexicon}", "--out", str(tmp_path / "rw")]
     assert main([*argv, "-q"]) == 1
     err = capsys.readouterr().err
-    assert "the linked run is failed: 1 item(s) ended in infrastructure errors" in err
+    assert "the linked run has 1 item(s) with infrastructure errors" in err
     gens = (tmp_path / "rw" / "run" / "generations").glob("*.jsonl")
     records = [json.loads(x) for f in gens for x in f.read_text().splitlines()]
     assert [r["status"] for r in records] == ["error"]  # an error, never a refusal

@@ -81,8 +81,10 @@ class ClipBackend:
         )
         try:
             with _quiet_download_errors():
+                # open_clip takes a checkpoint's .safetensors when the hub has one; otherwise
+                # torch.load with weights_only (tensors only, no code), said here, not assumed
                 self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                    model, pretrained=pretrained, device=self.device
+                    model, pretrained=pretrained, device=self.device, weights_only=True
                 )
         except (RuntimeError, OSError, ValueError) as e:
             raise UserError(
