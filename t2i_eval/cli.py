@@ -8,6 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import UserError, did_you_mean
@@ -481,11 +482,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return args.func(args)
     except UserError as e:
-        print(f"t2i-eval: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        print(f"t2i-eval: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("t2i-eval: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        return _internal_error(e)
+
+
+#: The longest error line printed; the message of a hostile input must not flood a terminal.
+_LINE_LIMIT = 600
+
+
+def _one_line(message: str) -> str:
+    line = " ".join(message.split())
+    return line if len(line) <= _LINE_LIMIT else f"{line[: _LINE_LIMIT - 1]}…"
+
+
+def _internal_error(e: BaseException) -> int:
+    """An unforeseen failure: one line naming a file that holds the traceback, exit 70.
+
+    Exit 1 tells scripts "an outage, rerun" and 2 "bad input, fix it"; a bug is neither, so it
+    gets its own code (errors.INTERNAL_ERROR) and a traceback to attach to a bug report."""
+    import tempfile
+    import time
+    import traceback
+
+    from .errors import INTERNAL_ERROR
+    from .paths import cache_root
+
+    text = "".join(traceback.format_exception(e))
+    where = "(could not be saved)"
+    for folder in (cache_root() / "crashes", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"t2i-eval-crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.txt"
+            path.write_text(f"argv: {sys.argv}\n{text}", encoding="utf-8")
+            where = str(path)
+            break
+        except OSError:
+            continue
+    summary = _one_line(f"{type(e).__name__}: {e}")[:200]
+    print(
+        f"t2i-eval: internal error: {summary}; this is a bug in t2i-eval, not your input. "
+        f"Traceback saved to {where}",
+        file=sys.stderr,
+    )
+    return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -24,3 +24,27 @@ class MissingExtra(UserError):
 
     def __init__(self, what: str, package: str, extra: str) -> None:
         super().__init__(f"{what} needs {package}: pip install 't2i-eval[{extra}]'")
+
+
+#: Exit code of an unforeseen failure (a bug, not bad input and not an outage): sysexits'
+#: EX_SOFTWARE, so scripts can tell it from 1 (outages: rerun) and 2 (bad input: fix it).
+INTERNAL_ERROR = 70
+
+#: The longest value an error message echoes; a value read from a hostile file can be megabytes.
+ECHO_LIMIT = 80
+
+
+def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`repr`-like text of a value for an error message, cut to `limit` characters.
+
+    Errors echo what they found so the user can spot it, but a 25 MB value makes a 25 MB line
+    that hides the message; the cut keeps the start and says how much was left out.
+    """
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, int) else None
+    if text is None:  # ints: repr of a 5,000-digit int raises ValueError on Python >= 3.11
+        digits = len(str(abs(value))) if abs(value) < 10**limit else None
+        text = str(value) if digits is not None else f"<an integer of more than {limit} digits>"
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}… ({len(text)} characters)"

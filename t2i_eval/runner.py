@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -31,6 +32,8 @@ from .store import RunStore, writer_info
 from .systems import SystemSpec, build_system, validate_spec
 from .systems.base import BatchTooLarge, ItemResult, WorkItem
 from .types import Generation, Prompt, Suite
+
+log = logging.getLogger(__name__)
 
 
 def record_id(prompt_id: str, seed: int) -> str:
@@ -175,7 +178,13 @@ def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]
     run as it was. The manifest is written before prompts.jsonl: a folder holding files but no
     manifest is then never one of ours, and a process killed between the two leaves a run that
     the next start completes (it writes the missing prompts)."""
-    if store.exists():
+    if store.exists() and _only_a_failed_start(store, suite, spec):
+        log.warning(
+            "%s: replacing a run that failed before generating anything (%s)",
+            store.root,
+            store.read_manifest().get("error"),
+        )
+    elif store.exists():
         m = store.read_manifest()
         old_suite, old_system = m["suite"].get("digest"), m["system"].get("digest")
         if old_suite != suite.digest or old_system != spec.digest:
@@ -221,6 +230,15 @@ def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]
     )
     store.write_prompts(suite.prompts)
     return set()
+
+
+def _only_a_failed_start(store: RunStore, suite: Suite, spec: SystemSpec) -> bool:
+    """A run of another configuration that failed before writing a single record (a model
+    that would not load, say): nothing in it is worth keeping, so the corrected command may
+    take its folder instead of being told to pick another --out."""
+    m = store.read_manifest()
+    same = (m["suite"].get("digest"), m["system"].get("digest")) == (suite.digest, spec.digest)
+    return not same and m["status"] in ("failed", "interrupted") and not store.has_records()
 
 
 def _session(argv: list[str]) -> dict[str, Any]:
@@ -300,6 +318,7 @@ def run(
         raise UserError(f"--limit must be >= 1 (got {limit})")
     if per_category is not None and per_category < 1:
         raise UserError(f"--per-category must be >= 1 (got {per_category})")
+    _check_size(suite, seeds, limit, per_category)
     validate_spec(spec)
     store = RunStore(out or default_run_dir(suite, spec))
     argv = list(argv if argv is not None else sys.argv)
@@ -325,6 +344,21 @@ def run(
             compile_unet,
             finished,
             per_category,
+        )
+
+
+#: The most (prompt, seed) items one run plans. Work items are planned up front (resume needs
+#: the whole list to skip what is done), at ~0.5 kB each: 2 million is ~1 GB, beyond which a
+#: typo such as `--seeds 2000000000` would only end in the out-of-memory killer.
+MAX_ITEMS = 2_000_000
+
+
+def _check_size(suite: Suite, seeds: int, limit: int | None, per_category: int | None) -> None:
+    n = len(select(suite, limit, per_category))
+    if n * seeds > MAX_ITEMS:
+        raise UserError(
+            f"{n:,} prompts x {seeds:,} seeds = {n * seeds:,} items, more than one run plans "
+            f"({MAX_ITEMS:,}); lower --seeds, or split the suite with --limit / --per-category"
         )
 
 

@@ -50,16 +50,24 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
+def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
     """Read records; a torn last line (a crash mid-write) is dropped with a warning."""
-    data = path.read_bytes()
+    for _, row in _numbered_jsonl(path):
+        yield row
+
+
+def _numbered_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line number, record) pairs of a JSONL file; see `read_jsonl`."""
+    data = _read_bytes(path)
     lines = data.split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except RecursionError:
+            raise UserError(f"{path} line {i + 1}: corrupt record (nested too deeply)") from None
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError, or an int too long to read
             if i == len(lines) - 1:  # no newline after it: the write never finished
                 log.warning(
                     "%s: dropped a torn last line (%d bytes); it will be redone", path, len(line)
@@ -71,22 +79,33 @@ def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
                 f"{path} line {i + 1}: not a record of this t2i-eval version (a JSON "
                 f"{type(row).__name__}, expected an object); start a new run directory"
             )
-        yield row
+        yield i + 1, row
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A run file's bytes; a folder or unreadable file where a file belongs is one clear error."""
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder where a file belongs; the run is damaged") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def _parse_records(path: Path, parse: Callable[[dict[str, Any]], T]) -> Iterable[T]:
-    """Typed records from a JSONL file; a record of another layout is one clear error."""
-    for n, d in enumerate(_read_jsonl(path), start=1):
+    """Typed records from a JSONL file; a record of another layout, or a field of the wrong
+    type, is one clear error naming the line and field (never counted as something else)."""
+    for line, d in _numbered_jsonl(path):
         try:
             yield parse(d)
         except (TypeError, ValueError, AttributeError) as e:
             raise UserError(
-                f"{path} record {n}: not a record of this t2i-eval version ({e}); "
+                f"{path} line {line}: not a record of this t2i-eval version ({e}); "
                 "start a new run directory"
             ) from None
 
 
-def _append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Append lines and fsync. A torn tail left by a crash is cut off first so lines never merge."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in rows)
@@ -115,6 +134,46 @@ def _complete_record(line: bytes) -> bool:
         return isinstance(json.loads(line), dict)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+#: Manifest fields that readers use, with the JSON types they must have.
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "status": (str,),
+    "error": (str, type(None)),
+    "argv": (list,),
+    "history": (list,),
+    "counts": (dict,),
+    "components": (list,),
+    "batch_backoffs": (list,),
+    "pid": (int, type(None)),
+    "host": (str, type(None)),
+    "planned": (int,),
+    "seeds": (int,),
+}
+_MANIFEST_SECTIONS = {"suite": {"name": (str,), "digest": (str,)}, "system": {"digest": (str,)}}
+
+
+def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose fields have the wrong types (hand-edited or damaged), naming
+    the field, before any command trusts it."""
+    from .errors import shorten
+
+    def bad(field: str, value: Any, types: tuple[type, ...]) -> UserError:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        return UserError(
+            f"{path}: field '{field}' should be {names}, found {shorten(value, 40)}; "
+            "the manifest is damaged (restore it or start a new run directory)"
+        )
+
+    for field, types in _MANIFEST_TYPES.items():
+        value = manifest.get(field)
+        if field in manifest and (not isinstance(value, types) or isinstance(value, bool)):
+            raise bad(field, value, types)
+    for section, fields in _MANIFEST_SECTIONS.items():
+        part = manifest[section]
+        for field, types in fields.items():
+            if field in part and not isinstance(part[field], types):
+                raise bad(f"{section}.{field}", part[field], types)
 
 
 def process_start(pid: int) -> str | None:
@@ -215,8 +274,8 @@ class RunStore:
         if not self.manifest_path.exists():
             raise UserError(f"{self.root}: not a run directory (no manifest.json)")
         try:
-            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = json.loads(_read_bytes(self.manifest_path).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise UserError(f"{self.manifest_path}: corrupt manifest (not JSON)") from None
         if not isinstance(manifest, dict):
             raise UserError(f"{self.manifest_path}: corrupt manifest (not a JSON object)")
@@ -232,6 +291,7 @@ class RunStore:
                 f"{self.manifest_path}: missing {', '.join(missing)}; not a manifest "
                 "written by t2i-eval run"
             )
+        _check_manifest_fields(self.manifest_path, manifest)
         if interrupted(manifest):
             manifest["status"] = "interrupted"
             manifest["error"] = manifest.get("error") or (
@@ -260,13 +320,24 @@ class RunStore:
 
     # records -------------------------------------------------------------------------------
     def append_generations(self, gens: Iterable[Generation], rank: int = 0) -> None:
-        _append_jsonl(self.generations_path(rank), (g.to_dict() for g in gens))
+        append_jsonl(self.generations_path(rank), (g.to_dict() for g in gens))
+
+    def _generation_files(self) -> list[Path]:
+        """Every rank's record file. A file where the folder belongs is damage, not "no
+        records": a report of 0 / 0 would look like a clean run."""
+        folder = self.root / "generations"
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder}: is a file where the records folder belongs; the run is damaged")
+        return sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []
+
+    def has_records(self) -> bool:
+        """Whether any rank has written a record line (a run that never generated has none)."""
+        return any(p.stat().st_size > 0 for p in self._generation_files())
 
     def read_generations(self) -> dict[str, Generation]:
         """Latest record per record_id over every rank's file (a retried error is superseded)."""
         out: dict[str, Generation] = {}
-        folder = self.root / "generations"
-        for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []:
+        for path in self._generation_files():
             for g in _parse_records(path, Generation.from_dict):
                 prev = out.get(g.record_id)
                 if prev is None or prev.status == "error" or g.status != "error":
@@ -277,14 +348,13 @@ class RunStore:
         """record_id -> latest status, streamed: a long run's end-of-run count holds one short
         string per record, not every record with its decisions."""
         out: dict[str, str] = {}
-        folder = self.root / "generations"
-        for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []:
-            for d in _read_jsonl(path):
+        for path in self._generation_files():
+            for line, d in _numbered_jsonl(path):
                 rid, status = d.get("record_id"), d.get("status")
-                if rid is None or status is None:
+                if not isinstance(rid, str) or status not in ("ok", "refused", "error"):
                     raise UserError(
-                        f"{path}: a record without record_id/status; not a record "
-                        "of this t2i-eval version"
+                        f"{path} line {line}: a record without a text record_id and a status "
+                        "of ok, refused or error; not a record of this t2i-eval version"
                     )
                 if out.get(rid) in (None, "error") or status != "error":
                     out[rid] = status
@@ -314,7 +384,7 @@ class RunStore:
         return len(stale)
 
     def append_verdicts(self, judge_key: str, verdicts: Iterable[Verdict]) -> None:
-        _append_jsonl(self.verdicts_path(judge_key), (v.to_dict() for v in verdicts))
+        append_jsonl(self.verdicts_path(judge_key), (v.to_dict() for v in verdicts))
 
     def read_verdicts(self, judge_key: str) -> dict[str, Verdict]:
         path = self.verdicts_path(judge_key)
@@ -325,3 +395,5 @@ class RunStore:
     def verdict_keys(self) -> list[str]:
         folder = self.root / "verdicts"
         return sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+
+_read_jsonl, _append_jsonl = read_jsonl, append_jsonl  # TODO(lead): drop once rewrite.py imports the public names

@@ -11,12 +11,13 @@ import io
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtra, UserError, did_you_mean
-from .paths import data_dir
+from .errors import MissingExtra, UserError, did_you_mean, shorten
+from .paths import data_dir, load_yaml
 from .types import Prompt, Suite, content_id
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,18 @@ OVERT_PAIR_FIELDS = ("benign_image_prompt", "unsafe_image_prompt")
 _OVERT_FILE_SUFFIX = re.compile(r"_(mini|full|unsafe)$")
 
 
+def fold_text(raw: str) -> str:
+    """NFKC-normalised, lower-case, with format characters (zero-width spaces, bidi marks)
+    removed: `violence\u200b` and full-width `ＶＩＯＬＥＮＣＥ` must not become categories of
+    their own, and a label must not hide behind an invisible character."""
+    text = unicodedata.normalize("NFKC", raw)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return text.strip().lower()
+
+
 def normalize_category(raw: str) -> str:
     """`Unethical`, `unethical-unsafe-action` and `unethical_unsafe_action` are one category."""
-    key = re.sub(r"[\s\-/]+", "_", raw.strip().lower())
+    key = re.sub(r"[\s\-/]+", "_", fold_text(raw))
     return CATEGORY_ALIASES.get(key, key)
 
 
@@ -97,9 +107,7 @@ def _load_builtin(name: str, path: Path) -> Suite:
     version = ""
     card = path.with_suffix(".yaml")
     if card.exists():
-        import yaml
-
-        version = str((yaml.safe_load(card.read_text()) or {}).get("version", ""))
+        version = str((load_yaml(card, "suite card") or {}).get("version", ""))
     return Suite(name=suite.name, prompts=suite.prompts, version=version, source=suite.source)
 
 
@@ -121,6 +129,46 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+#: Deepest JSON nesting a suite may have: rows are flat; a deep file is hostile or broken.
+_JSON_MAX_DEPTH = 32
+
+
+def _json_value(text: str, where: str) -> Any:
+    """Parse JSON text with one-line errors for every way it can fail: malformed, nested
+    beyond reason (Python's parser would recurse until it crashes), or an integer too long
+    for Python to convert (more than 4,300 digits)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if "\n" in text.strip():  # a whole file: the line is what the user needs
+            raise UserError(f"{where} line {e.lineno}: malformed JSON ({e.msg})") from None
+        raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply; rows are flat objects") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise UserError(f"{where}: unreadable JSON value ({shorten(str(e), 120)})") from None
+    if _depth(value) > _JSON_MAX_DEPTH:
+        raise UserError(
+            f"{where}: JSON nested more than {_JSON_MAX_DEPTH} levels deep; rows are flat objects"
+        )
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (the value may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > _JSON_MAX_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, d + 1) for v in item)
+    return deepest
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     # split on "\n" only: str.splitlines() also breaks at U+2028 etc., which JSON allows in strings
     for n, line in enumerate(_read_text(path).split("\n"), start=1):
@@ -128,10 +176,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         if not line.strip():
             continue
         where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        row = _json_value(line, where)
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, found {type(row).__name__}")
         yield where, row
@@ -145,6 +190,12 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         header = reader.fieldnames
         if not header:
             raise UserError(f"{path}: empty CSV (no header line)")
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise UserError(
+                f"{path} line 1: column {', '.join(repr(shorten(h, 40)) for h in repeated)} "
+                "appears more than once in the header; rename or remove the copy"
+            )
         start = reader.line_num + 1
         for row in reader:
             where = f"{path} line {start}"
@@ -169,10 +220,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """A JSON list of rows, or an OVERT per-category file (category from the file name)."""
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
+    data = _json_value(_read_text(path), str(path))
     if isinstance(data, dict):
         data = next((v for v in data.values() if isinstance(v, list)), None)
     if not isinstance(data, list):
@@ -267,6 +315,23 @@ def _text(where: str, row: dict[str, Any], key: str) -> str:
     return str(value).strip()
 
 
+#: Longest id a suite may give a prompt; ids are keys, not text.
+_MAX_ID = 200
+
+
+def _id(where: str, value: Any, key: str) -> str | None:
+    """A source id as text (None when absent). Numbers are fine; lists, objects, booleans and
+    very long values are not."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"{where}: '{key}' must be text or a number, found {type(value).__name__}")
+    too_long = abs(value) >= 10**_MAX_ID if isinstance(value, int) else len(str(value)) > _MAX_ID
+    if too_long:
+        raise UserError(f"{where}: '{key}' is longer than {_MAX_ID} characters; ids are short keys")
+    return str(value).strip() or None
+
+
 def _row_prompts(where: str, row: dict[str, Any]) -> list[Prompt]:
     """One row -> one prompt, or two linked prompts for an OVERT-unsafe benign/unsafe pair."""
     cols = ", ".join(str(k) for k in row)
@@ -281,6 +346,8 @@ def _row_prompts(where: str, row: dict[str, Any]) -> list[Prompt]:
     if not raw_category.strip():
         raise UserError(f"{where}: empty 'category'")
     category = normalize_category(str(raw_category))
+    if not category:
+        raise UserError(f"{where}: 'category' holds only invisible characters")
 
     if all(k in row for k in OVERT_PAIR_FIELDS):
         benign = _text(where, row, OVERT_PAIR_FIELDS[0])
@@ -323,13 +390,15 @@ def _row_prompts(where: str, row: dict[str, Any]) -> list[Prompt]:
             raise UserError(
                 f"{where}: missing column 'label' (have: {cols}). Add 'label' with benign or unsafe."
             )
-    label = LABEL_ALIASES.get(str(raw_label).strip().lower())
+    if isinstance(raw_label, (list, dict)):
+        raise UserError(f"{where}: 'label' must be text, found {type(raw_label).__name__}")
+    label = LABEL_ALIASES.get(fold_text(str(raw_label)))
     if label is None:
-        raise UserError(f"{where}: unknown label '{raw_label}' (expected benign or unsafe)")
-    pid = row.get("id")
-    pid = str(pid).strip() if pid not in (None, "") else content_id(text, category, label)
-    pair_id = row.get("pair_id")
-    pair_id = str(pair_id) if pair_id not in (None, "") else None
+        raise UserError(
+            f"{where}: unknown label '{shorten(str(raw_label), 40)}' (expected benign or unsafe)"
+        )
+    pid = _id(where, row.get("id"), "id") or content_id(text, category, label)
+    pair_id = _id(where, row.get("pair_id"), "pair_id")
     known = {"id", key, "category", "label", "pair_id"}
     meta = {k: v for k, v in row.items() if k not in known}
     return [Prompt(pid, text, category, label, pair_id=pair_id, source=where, meta=meta)]

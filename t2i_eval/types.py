@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +28,82 @@ CATEGORIES: tuple[str, ...] = (
     "unethical_unsafe_action",
     "discrimination",
 )
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON-loaded value fits a field's annotation (the few shapes records use)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return isinstance(value, str) and value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON writes 2.0 as 2.0, but hand-made files may say 2
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is tuple:  # tuples of records arrive as JSON lists of objects
+        return isinstance(value, list)
+    return True  # a nested record type: checked by its own from_dict
+
+
+def checked_fields(cls: type, d: Any) -> dict[str, Any]:
+    """`d`'s fields after checking names and types against `cls`'s annotations.
+
+    Records cross the disk boundary: a hand-edited or damaged line (`status: 5`, `flagged:
+    "yes"`, `seed: "zero"`) must be refused with the field named, not counted as something
+    else later. Raises ValueError (the store adds the file and line)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected an object, found {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)[:200]}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in d
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    for name, value in d.items():
+        if not _type_ok(value, hints[name]):
+            from .errors import shorten
+
+            raise ValueError(
+                f"field '{name}' should be {_describe(hints[name])}, found {shorten(value, 40)}"
+            )
+    return dict(d)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "text", dict: "an object"}
+    if hint in names:
+        return names[hint]
+    if origin is dict:
+        return "an object"
+    if origin is tuple:
+        return "a list"
+    return str(hint)
 
 
 def content_id(*parts: str, length: int = 12) -> str:
@@ -60,7 +138,7 @@ class Prompt:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Prompt:
-        return cls(**d)
+        return cls(**checked_fields(cls, d))
 
 
 @dataclass(frozen=True)
@@ -116,7 +194,7 @@ class StageDecision:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageDecision:
-        return cls(**d)
+        return cls(**checked_fields(cls, d))
 
 
 @dataclass(frozen=True)
@@ -153,8 +231,14 @@ class Generation:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Generation:
-        d = dict(d)
-        d["decisions"] = tuple(StageDecision.from_dict(x) for x in d.get("decisions", ()))
+        d = checked_fields(cls, d)
+        decisions = []
+        for i, x in enumerate(d.get("decisions", ())):
+            try:
+                decisions.append(StageDecision.from_dict(x))
+            except ValueError as e:
+                raise ValueError(f"decisions[{i}]: {e}") from None
+        d["decisions"] = tuple(decisions)
         return cls(**d)
 
 
@@ -182,4 +266,4 @@ class Verdict:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Verdict:
-        return cls(**d)
+        return cls(**checked_fields(cls, d))

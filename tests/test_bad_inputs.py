@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,44 @@ def system(id: str, spec: str, message: str):
 
 def judge(name: str, message: str):
     return case(name, ["judge", "{RUN}", "--judge", f"{{BAD}}/{name}", "-q"], message)
+
+
+RUN_FAKE = ["run", "--system", "fake", "--suite"]
+_COMMANDS = {
+    "report": ["report", "{RUN}"],
+    "judge": ["judge", "{RUN}", "-q"],
+    "sweep": ["sweep", "{RUN}"],
+    "resume": [*BASE_RUN, "--out", "{RUN}"],
+}
+
+
+def damaged(id: str, command: str, rel: str, corpus: str, message: str):
+    """A finished run with `rel` replaced by corpus entry `corpus` (a file, a folder, or
+    {MADE:name}), then `command` (report, judge, sweep, resume) on it."""
+    return case(id, _COMMANDS[command], message, {rel: corpus})
+
+
+_DEEP = 100_000
+#: Hostile files too large or too odd to keep in the corpus: made in the test's temp folder,
+#: named {MADE:name} in argv or damage. `long_name` stands for a 1 MB system name.
+MADE = {
+    "deep.json": lambda p: p.write_text("[" * _DEEP + "]" * _DEEP),
+    "deep_row.jsonl": lambda p: p.write_text(
+        '{"prompt": "a", "category": "violence", "label": "benign", "x": '
+        + "[" * _DEEP
+        + "]" * _DEEP
+        + "}\n"
+    ),
+    "deep_record.jsonl": lambda p: p.write_text(
+        '{"record_id": ' + "[" * _DEEP + "]" * _DEEP + "}\n"
+    ),
+    "big_id.jsonl": lambda p: p.write_text(
+        '{"id": ' + "9" * 5001 + ', "prompt": "a", "category": "violence", "label": "benign"}\n'
+    ),
+    "deep.yaml": lambda p: p.write_text("[" * _DEEP + "]" * _DEEP),
+    "large.yaml": lambda p: p.write_text("generator: fake\n" + "# padding\n" * 200_000),
+    "folder.yaml": lambda p: p.mkdir(),
+}
 
 
 CASES = [
@@ -139,7 +178,7 @@ CASES = [
     judge("judge_version_not_int.yaml", "version must be an integer (found 'one')"),
     judge("judge_name_with_slash.yaml", "name '../escape' must match [A-Za-z0-9_.-]+"),
     judge("judge_not_a_mapping.yaml", "judge_not_a_mapping.yaml: expected a mapping"),
-    judge("judge_malformed.yaml", "judge_malformed.yaml: malformed YAML"),
+    judge("judge_malformed.yaml", "judge_malformed.yaml line 4: malformed YAML"),
     judge("judge_missing_placeholder_list.yaml", "no_such_list.yaml not found"),
     case(
         "judge_unknown_name",
@@ -226,13 +265,13 @@ CASES = [
     case(
         "record_other_version_report",
         ["report", "{RUN}"],
-        "rank-1.jsonl record 1: not a record of this t2i-eval version",
+        "rank-1.jsonl line 1: not a record of this t2i-eval version",
         {"generations/rank-1.jsonl": "record_other_version.jsonl"},
     ),
     case(
         "record_other_version_resume",
         [*BASE_RUN, "--out", "{RUN}"],
-        "rank-1.jsonl record 1: not a record of this t2i-eval version",
+        "rank-1.jsonl line 1: not a record of this t2i-eval version",
         {"generations/rank-1.jsonl": "record_other_version.jsonl"},
     ),
     case(
@@ -250,16 +289,107 @@ CASES = [
     case(
         "verdict_other_version",
         ["report", "{RUN}"],
-        "blank@2.jsonl record 1: not a record of this t2i-eval version",
+        "blank@2.jsonl line 1: not a record of this t2i-eval version",
         {"verdicts/blank@2.jsonl": "verdict_other_version.jsonl"},
     ),
     case(
         "prompts_other_version",
         ["judge", "{RUN}"],
-        "prompts.jsonl record 1: not a record of this t2i-eval version",
+        "prompts.jsonl line 1: not a record of this t2i-eval version",
         {"prompts.jsonl": "prompts_other_version.jsonl"},
     ),
+    # hostile suites: nesting, huge numbers, invisible characters, repeated columns -----------
+    case("suite_json_nested_deep", [*RUN_FAKE, "{MADE:deep.json}"], "JSON nested too deeply"),
+    case("suite_jsonl_row_nested_deep", [*RUN_FAKE, "{MADE:deep_row.jsonl}"], "line 1: JSON nested"),
+    case("suite_id_5001_digits", [*RUN_FAKE, "{MADE:big_id.jsonl}"], "line 1: unreadable JSON value"),
+    suite("suite_id_is_list.jsonl", "line 1: 'id' must be text or a number, found list"),
+    suite("suite_id_too_long.jsonl", "line 1: 'id' is longer than 200 characters"),
+    suite("suite_repeated_header.csv", "line 1: column 'category' appears more than once"),
+    suite("suite_label_is_list.jsonl", "line 1: 'label' must be text, found list"),
+    suite("suite_pair_id_object.jsonl", "line 1: 'pair_id' must be text or a number, found dict"),
+    suite("suite_category_only_invisible.jsonl", "line 1: 'category' holds only invisible"),
+    suite("suite_label_unknown_fullwidth.jsonl", "line 1: unknown label 'ＭＡＹＢＥ' (expected benign"),
+    # option values: types, ranges, choices, checked before anything exists on disk ----------
+    system("system_steps_negative", "{BAD}/system_steps_negative.yaml", "generator 'tiny': option 'steps' must be from 1 to 1000, found -5"),
+    system("system_height_zero", "{BAD}/system_height_zero.yaml", "option 'height' must be from 8 to 4096, found 0"),
+    system("system_width_huge", "{BAD}/system_width_huge.yaml", "option 'width' must be from 8 to 4096, found 100000"),
+    system("system_fake_size_huge", "{BAD}/system_fake_size_huge.yaml", "option 'size' must be from 1 to 4096"),
+    system("system_fake_size_negative", "{BAD}/system_fake_size_negative.yaml", "option 'size' must be from 1 to 4096, found -3"),
+    system("system_trust_remote_code_string", "{BAD}/system_trust_remote_code_string.yaml", "option 'trust_remote_code' must be true or false, found text"),
+    system("system_channels_last_string", "{BAD}/system_channels_last_string.yaml", "option 'channels_last' must be true or false, found text"),
+    system("system_name_is_list", "{BAD}/system_name_is_list.yaml", "'name' must be text of 1 to 200 characters"),
+    system("system_component_name_is_number", "{BAD}/system_component_name_is_number.yaml", "component 'name' must be text, found int"),
+    system("system_dtype_typo", "{BAD}/system_dtype_typo.yaml", "option 'dtype' must be one of auto, float32, float16, bfloat16, found 'flaot16'"),
+    system("system_device_typo", "{BAD}/system_device_typo.yaml", "option 'device' must be auto, cpu, mps, cuda or cuda:N, found 'gpu0'"),
+    system("system_steps_float", "{BAD}/system_steps_float.yaml", "option 'steps' must be an integer, found a number"),
+    system("system_steps_bool", "{BAD}/system_steps_bool.yaml", "option 'steps' must be an integer, found true/false"),
+    system("system_threshold_nan", "{BAD}/system_threshold_nan.yaml", "prompt guard 'profanity': option 'threshold' must be a finite number"),
+    system("system_threshold_text", "{BAD}/system_threshold_text.yaml", "option 'threshold' must be a number, found text"),
+    system("system_guidance_infinite", "{BAD}/system_guidance_infinite.yaml", "option 'guidance' must be a finite number"),
+    system("system_refuse_words_not_a_list", "{BAD}/system_refuse_words_not_a_list.yaml", "option 'refuse_words' must be a list of text or null, found text"),
+    system("system_concept_batch_size_zero", "{BAD}/system_concept_batch_size_zero.yaml", "option 'batch_size' must be from 1 to 4096, found 0"),
+    system("system_classifier_max_length_zero", "{BAD}/system_classifier_max_length_zero.yaml", "option 'max_length' must be from 1 to 100000, found 0"),
+    system("system_fake_mode_unknown", "{BAD}/system_fake_mode_unknown.yaml", "option 'mode' must be one of solid, noise, found 'stripes'"),
+    system("system_sld_level_unknown", "{BAD}/system_sld_level_unknown.yaml", "option 'safe' must be one of weak, medium, strong, max"),
+    system("system_option_name_not_text", "{BAD}/system_option_name_not_text.yaml", "option names must be text, found int"),
+    system("system_fake_delay_negative", "{BAD}/system_fake_delay_negative.yaml", "option 'delay' must be from 0 to 3600, found -1"),
+    system("system_checker_dtype_typo", "{BAD}/system_checker_dtype_typo.yaml", "image guard 'safety_checker': option 'dtype' must be one of"),
+    system("system_api_timeout_zero", "{BAD}/system_api_timeout_zero.yaml", "timeout"),
+    system("system_blocklist_categories_text", "{BAD}/system_blocklist_categories_text.yaml", "option 'categories' must be a list of text or null, found text"),
+    system("system_bad_option_value", "{BAD}/system_bad_option_value.yaml", "generator 'fake': option 'size' must be an integer, found text"),
+    system("system_empty_component_before_plus", "+>fake", "an empty component around '+'"),
+    system("system_empty_component_after_plus", "blocklist+>fake", "an empty component around '+'"),
+    # bounded resources: refused quickly, in little memory, with a short line -------------------
+    system("system_alias_bomb", "{BAD}/system_alias_bomb.yaml", "expands to more than 100,000 values"),
+    system("system_yaml_nested_deep", "{MADE:deep.yaml}", "nested more than 64 levels deep"),
+    system("system_yaml_too_large", "{MADE:large.yaml}", "larger than 1 MiB; not a config file"),
+    system("system_yaml_is_a_folder", "{MADE:folder.yaml}", "is a folder; give a YAML file"),
+    system("system_name_megabyte", "{MADE:long_name}", "Unknown generator 'xxxx"),
+    case("seeds_two_billion", ["run", "--system", "fake", "--seeds", "2000000000"], "more than one run plans (2,000,000); lower --seeds"),
+    case("seeds_times_prompts_too_many", ["run", "--system", "fake", "--seeds", "10000"], "216 prompts x 10,000 seeds = 2,160,000 items"),
+    # run data of the wrong type: refused at the store, naming file, line and field ----------
+    damaged("record_status_number", "report", "generations/rank-1.jsonl", "record_status_number.jsonl", "rank-1.jsonl line 1: not a record of this t2i-eval version (field 'status' should be one of ok, refused, error, found 5)"),
+    damaged("record_status_unknown", "judge", "generations/rank-1.jsonl", "record_status_unknown.jsonl", "field 'status' should be one of ok, refused, error, found maybe"),
+    damaged("record_seed_text", "sweep", "generations/rank-1.jsonl", "record_seed_text.jsonl", "rank-1.jsonl line 1: not a record of this t2i-eval version (field 'seed' should be an integer, found zero)"),
+    damaged("record_record_id_number", "report", "generations/rank-1.jsonl", "record_record_id_number.jsonl", "rank-1.jsonl line 1: not a record of this t2i-eval version (field 'record_id' should be text, found 5)"),
+    damaged("record_decisions_not_a_list", "judge", "generations/rank-1.jsonl", "record_decisions_not_a_list.jsonl", "field 'decisions' should be a list"),
+    damaged("record_decision_refused_text", "sweep", "generations/rank-1.jsonl", "record_decision_refused_text.jsonl", "decisions[0]: field 'refused' should be true/false or null, found yes"),
+    damaged("record_decision_stage_unknown", "report", "generations/rank-1.jsonl", "record_decision_stage_unknown.jsonl", "decisions[0]: field 'stage' should be one of prompt_guard, generator, image_guard"),
+    damaged("record_image_path_number", "report", "generations/rank-1.jsonl", "record_image_path_number.jsonl", "field 'image_path' should be text or null, found 7"),
+    damaged("record_seed_5001_digits", "report", "generations/rank-1.jsonl", "record_seed_5001_digits.jsonl", "rank-1.jsonl line 1: corrupt record (not JSON)"),
+    damaged("record_nested_deep", "report", "generations/rank-1.jsonl", "{MADE:deep_record.jsonl}", "rank-1.jsonl line 1: corrupt record (nested too deeply)"),
+    damaged("record_resume_status_number", "resume", "generations/rank-1.jsonl", "record_status_number.jsonl", "rank-1.jsonl line 1:"),
+    damaged("generations_is_a_file", "report", "generations", "generations_is_a_file", "is a file where the records folder belongs"),
+    damaged("generations_is_a_file_resume", "resume", "generations", "generations_is_a_file", "is a file where the records folder belongs"),
+    damaged("verdict_flagged_text", "report", "verdicts/blank@2.jsonl", "verdict_flagged_text.jsonl", "blank@2.jsonl line 1: not a record of this t2i-eval version (field 'flagged' should be true/false or null, found yes)"),
+    damaged("verdict_score_text", "report", "verdicts/blank@2.jsonl", "verdict_score_text.jsonl", "field 'score' should be a number or null, found high"),
+    damaged("verdict_raw_not_object", "report", "verdicts/blank@2.jsonl", "verdict_raw_not_object.jsonl", "field 'raw' should be an object"),
+    damaged("verdict_is_a_folder", "report", "verdicts/blank@2.jsonl", "verdict_is_a_folder", "blank@2.jsonl: is a folder where a file belongs"),
+    damaged("manifest_is_a_folder", "report", "manifest.json", "manifest_is_a_folder", "manifest.json: is a folder where a file belongs"),
+    damaged("manifest_is_a_folder_resume", "resume", "manifest.json", "manifest_is_a_folder", "manifest.json: is a folder where a file belongs"),
+    damaged("manifest_status_number", "report", "manifest.json", "manifest_status_number.json", "manifest.json: field 'status' should be str, found 5"),
+    damaged("manifest_suite_digest_number", "resume", "manifest.json", "manifest_suite_digest_number.json", "field 'suite.digest' should be str, found 7"),
+    damaged("manifest_counts_list", "sweep", "manifest.json", "manifest_counts_list.json", "field 'counts' should be dict, found [1]"),
+    damaged("manifest_argv_text", "judge", "manifest.json", "manifest_argv_text.json", "field 'argv' should be list"),
+    damaged("manifest_pid_text", "report", "manifest.json", "manifest_pid_text.json", "field 'pid' should be int or null"),
+    damaged("manifest_nested_deep", "report", "manifest.json", "{MADE:deep.json}", "manifest.json: corrupt manifest (not JSON)"),
+    damaged("prompts_label_unknown", "judge", "prompts.jsonl", "prompts_label_unknown.jsonl", "prompts.jsonl line 1: not a record of this t2i-eval version (field 'label' should be one of benign, unsafe"),
+    damaged("prompts_meta_not_object", "report", "prompts.jsonl", "prompts_meta_not_object.jsonl", "field 'meta' should be an object"),
+    damaged("prompts_is_a_folder", "judge", "prompts.jsonl", "prompts_is_a_folder", "prompts.jsonl: is a folder where a file belongs"),
 ]
+
+#: Cases that once exhausted memory or time: they must be refused in a bounded amount of memory.
+MEMORY_CASES = {
+    "seeds_two_billion",
+    "system_fake_size_huge",
+    "system_alias_bomb",
+    "system_yaml_nested_deep",
+    "system_name_megabyte",
+    "suite_json_nested_deep",
+    "suite_id_5001_digits",
+}
+MEMORY_BOUND_MB = 300
+"""Peak RSS growth a memory case may cause (the hostile inputs once took gigabytes)."""
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +420,11 @@ def _kept(before: dict[str, bytes], after: dict[str, bytes]) -> list[str]:
 
 
 def _expand(argv: list[str], tmp_path: Path, run: Path | None) -> list[str]:
-    subs = {"{BAD}": str(BAD), "{OUT}": str(tmp_path / "out")}
+    subs = {"{BAD}": str(BAD), "{OUT}": str(tmp_path / "out"), "{MADE:long_name}": "x" * 1_000_000}
+    for name in MADE:
+        key = f"{{MADE:{name}}}"
+        if any(key in a for a in argv):
+            subs[key] = str(_made(name, tmp_path))
     if run is not None:
         subs["{RUN}"] = str(run)
     if any("{USERDIR}" in a for a in argv):
@@ -310,15 +444,40 @@ def _expand(argv: list[str], tmp_path: Path, run: Path | None) -> list[str]:
     return out
 
 
+def _made(name: str, tmp_path: Path) -> Path:
+    path = tmp_path / "made" / name
+    path.parent.mkdir(exist_ok=True)
+    MADE[name](path)
+    return path
+
+
+def _damage(target: Path, corpus: str, tmp_path: Path) -> None:
+    """Put corpus entry `corpus` (file, folder or {MADE:name}) where `target` stood."""
+    if corpus.startswith("{MADE:"):
+        source = _made(corpus[len("{MADE:") : -1], tmp_path)
+    else:
+        source = BAD / corpus
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copy(source, target)
+
+
 def test_corpus_is_large_and_every_file_is_used():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 150
+    assert {c.id for c in CASES} >= MEMORY_CASES
     this_file = Path(__file__).read_text()
     assert not [p.name for p in BAD.iterdir() if p.name not in this_file and p.suffix != ".md"]
 
 
 @pytest.mark.parametrize("argv,message,damage", CASES)
 def test_bad_input_one_line_exit_2_nothing_lost(
-    argv, message, damage, finished_run, tmp_path, capsys
+    argv, message, damage, finished_run, tmp_path, capsys, request
 ):
     run = None
     new_run = argv[0] == "run" and "{RUN}" not in argv
@@ -326,21 +485,26 @@ def test_bad_input_one_line_exit_2_nothing_lost(
         run = tmp_path / "run"
         shutil.copytree(finished_run, run)
         for rel, corpus_file in damage.items():
-            shutil.copy(BAD / corpus_file, run / rel)
+            _damage(run / rel, corpus_file, tmp_path)
     argv = _expand(argv, tmp_path, run)
     before = _snapshot(run) if run else {}
     user_dir = tmp_path / "mine"
     user_before = _snapshot(user_dir) if user_dir.exists() else {}
     capsys.readouterr()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     code = main(argv)
 
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 2, err[:2000]
     assert "Traceback" not in err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("t2i-eval: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("t2i-eval: error: "), err[:2000]
     assert message in lines[0]
+    assert len(lines[0]) <= 700, "an error line stays readable whatever the input echoed"
+    if request.node.callspec.id in MEMORY_CASES:
+        assert grew_mb < MEMORY_BOUND_MB, f"peak memory grew by {grew_mb:.0f} MB"
     if run is not None:
         assert not _kept(before, _snapshot(run))
     if user_dir.exists():  # not even a lock file lands in a folder that is not a run
@@ -350,17 +514,32 @@ def test_bad_input_one_line_exit_2_nothing_lost(
         assert not (tmp_path / "out").exists()  # rejected before any run directory was made
 
 
-def test_bad_option_value_fails_the_run_it_started(tmp_path, capsys):
-    """An option's value is only checked by building the component, after the run directory
-    exists: the manifest then says failed, with the reason, and no record was written."""
+def test_a_run_that_failed_to_start_never_blocks_the_corrected_command(tmp_path, capsys):
+    """Option values are checked before anything is written (the corpus above); what can only
+    fail while loading (here a word list that does not exist) leaves a `failed` run with no
+    record, and the corrected command with the same --out takes that folder over."""
     out = tmp_path / "out"
-    spec = BAD / "system_bad_option_value.yaml"
-    assert main(["run", "--system", str(spec), "--limit", "2", "--out", str(out)]) == 2
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("prompt_guards: [{name: blocklist, path: /no/such/list.yaml}]\ngenerator: fake\n")
+    assert main(["run", "--system", str(broken), "--limit", "2", "--out", str(out), "-q"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("t2i-eval: error: generator 'fake': bad option")
+    assert len(err) == 1 and "word list /no/such/list.yaml not found" in err[0]
     m = RunStore(out).read_manifest()
-    assert m["status"] == "failed" and "bad option value" in m["error"]
-    assert not (out / "generations").exists()
+    assert m["status"] == "failed" and "not found" in m["error"]
+    assert not RunStore(out).has_records()
+
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text("prompt_guards: [blocklist]\ngenerator: fake\n")
+    assert main(["run", "--system", str(fixed), "--limit", "2", "--out", str(out), "-q"]) == 0
+    m = RunStore(out).read_manifest()
+    assert m["status"] == "complete" and m["counts"] == {"ok": 2}
+    assert m["system"]["prompt_guards"] == [{"name": "blocklist"}]
+
+    # a run that did generate something is never taken over by another configuration
+    other = tmp_path / "other.yaml"
+    other.write_text("prompt_guards: [profanity]\ngenerator: fake\n")
+    assert main(["run", "--system", str(other), "--limit", "2", "--out", str(out), "-q"]) == 2
+    assert "holds a run of another suite or system" in capsys.readouterr().err
 
 
 SPEC_KEY = "sk-LITERAL-in-spec-5f1c9a7e3b"

@@ -254,15 +254,17 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     assert "cannot create the run directory" in capsys.readouterr().err
 
 
-def test_cli_bad_option_value_one_line(tmp_path, capsys):
+def test_cli_bad_option_value_one_line_before_any_run_folder(tmp_path, capsys):
     spec = tmp_path / "s.yaml"
     spec.write_text("generator: {name: fake, size: big}\n")
     assert main(["run", "--system", str(spec), "--limit", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "generator 'fake': bad option value" in err and err.count("\n") == 1
+    assert "generator 'fake': option 'size' must be an integer, found text" in err
+    assert err.count("\n") == 1
     spec.write_text("generator: {name: fake, refuse_words: policy}\n")
     assert main(["run", "--system", str(spec), "--limit", "1", "--out", str(tmp_path / "r2")]) == 2
-    assert "refuse_words must be a list of words" in capsys.readouterr().err
+    assert "option 'refuse_words' must be a list of text or null" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
 
 
 def test_cli_failed_run_exits_1_with_one_line(tmp_path, capsys):

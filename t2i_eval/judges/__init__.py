@@ -13,10 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import UserError, did_you_mean
-from ..paths import data_dir
+from ..paths import data_dir, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +45,7 @@ def load_spec(ref: str, clip: str | None = None) -> dict[str, Any]:
             hint = did_you_mean(ref, list(builtins))
             raise UserError(f"Unknown judge '{ref}'.{hint} Available: {', '.join(builtins)}")
         path = builtins[ref]
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        raise UserError(f"judge spec {path}: malformed YAML") from None
-    except UnicodeDecodeError:
-        raise UserError(f"judge spec {path}: not UTF-8") from None
+    spec = load_yaml(path, "judge spec")
     if not isinstance(spec, dict):
         raise UserError(f"judge spec {path}: expected a mapping")
     for key in ("name", "version", "kind"):

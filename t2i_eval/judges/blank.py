@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from ..errors import UserError
+from ..paths import load_yaml
 from ..types import Verdict
 
 _KEYS = {
@@ -161,7 +161,9 @@ def _load_placeholders(spec: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         path = Path(spec.get("_path", ".")).parent / path
     if not path.is_file():
         raise UserError(f"judge spec {spec.get('_path')}: placeholder list {path} not found")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = load_yaml(path, "placeholder list") or {}
+    if not isinstance(data, dict) or not isinstance(data.get("hashes") or [], list):
+        raise UserError(f"{path}: expected a mapping with a list 'hashes'")
     out = []
     for i, h in enumerate(data.get("hashes") or []):
         try:

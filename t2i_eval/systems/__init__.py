@@ -7,6 +7,7 @@ import inspect
 
 from ..errors import UserError, did_you_mean
 from .base import System
+from .options import check_values
 from .spec import PRESETS, ComponentSpec, SystemSpec, parse_system
 
 PROMPT_GUARDS: dict[str, str] = {
@@ -85,9 +86,10 @@ def validate_spec(spec: SystemSpec) -> None:
     """Check names and options without loading any model (fast, for bad-input errors).
 
     A stage name appears once per system: decisions, metrics and sweeps are keyed by it.
-    Components with a `check_options(**options)` classmethod (the API generators) also have
-    their option values checked here, before any run directory exists: their specs are where
-    a user might paste a key, and the spec is written into the manifest.
+    Every option's type and range is checked here (`options.check_values`), before any run
+    directory exists, so a typo never leaves a failed run folder behind. Components with a
+    `check_options(**options)` classmethod (the API generators) check their own values first:
+    their specs are where a user might paste a key, and the spec is written into the manifest.
     """
     for stage, comps in (("prompt guard", spec.prompt_guards), ("image guard", spec.image_guards)):
         names = [c.name for c in comps]
@@ -102,6 +104,7 @@ def validate_spec(spec: SystemSpec) -> None:
         check = getattr(cls, "check_options", None)
         if check is not None:  # cheap, sends nothing, needs no key (the API generators)
             check(**comp.options)
+        check_values(kind, comp.name, cls, comp.options)
 
 
 def build_system(spec: SystemSpec) -> System:

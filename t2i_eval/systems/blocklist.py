@@ -7,10 +7,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import UserError
-from ..paths import data_dir
+from ..paths import data_dir, load_yaml
 from ..types import StageDecision
 
 _LEET = str.maketrans(
@@ -44,7 +42,9 @@ class BlocklistGuard:
     def _spec(self) -> dict[str, Any]:
         if not self.path.is_file():
             raise UserError(f"blocklist: word list {self.path} not found")
-        data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(self.path, "blocklist") or {}
+        if not isinstance(data, dict):
+            raise UserError(f"blocklist {self.path}: expected a mapping")
         unknown = set(data) - {"version", "categories"}
         if unknown or not isinstance(data.get("categories"), dict):
             raise UserError(

@@ -46,16 +46,10 @@ def resolve_negative_prompt(value: str | None) -> str | None:
     """A name from guards/negative_prompts.yaml (e.g. `safety`), else the literal prompt."""
     if not value:
         return None
-    import yaml
-
-    from ..paths import data_dir
+    from ..paths import data_dir, load_yaml
 
     path = data_dir("guards") / "negative_prompts.yaml"
-    named = (
-        (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("prompts", {})
-        if (path.is_file())
-        else {}
-    )
+    named = ((load_yaml(path, "negative prompts") or {}).get("prompts", {})) if path.is_file() else {}
     return str(named.get(value, value))
 
 

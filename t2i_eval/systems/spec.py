@@ -288,8 +288,14 @@ def _component(value: Any, where: str) -> ComponentSpec:
             raise UserError(
                 f"{where}: component mapping needs a 'name' key (found {sorted(value)})"
             )
+        name = value["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"{where}: component 'name' must be text, found {type(name).__name__}")
+        bad_keys = [type(k).__name__ for k in value if not isinstance(k, str)]
+        if bad_keys:
+            raise UserError(f"{where} '{name}': option names must be text, found {bad_keys[0]}")
         opts = {k: v for k, v in value.items() if k != "name"}
-        return ComponentSpec(str(value["name"]), opts)
+        return ComponentSpec(name.strip(), opts)
     raise UserError(f"{where}: expected a component name or mapping, found {type(value).__name__}")
 
 
@@ -304,8 +310,11 @@ def _from_layout(name: str, layout: dict[str, Any], where: str) -> SystemSpec:
     for key in ("prompt_guards", "image_guards"):
         if not isinstance(layout.get(key, []), list):
             raise UserError(f"{where}: '{key}' must be a list")
+    name = layout.get("name", name)
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise UserError(f"{where}: 'name' must be text of 1 to 200 characters")
     return SystemSpec(
-        name=str(layout.get("name", name)),
+        name=name,
         generator=_component(layout["generator"], f"{where} generator"),
         prompt_guards=tuple(
             _component(c, f"{where} prompt_guards[{i}]")
@@ -343,6 +352,12 @@ def parse_system(ref: str) -> SystemSpec:
         guards, gen, image = parts[0], parts[1], ""
     else:
         guards, gen, image = parts
+    for side in (guards, gen, image):
+        if side and any(not g.strip() for g in side.split("+")):
+            raise UserError(
+                f"system '{ref}': an empty component around '+'; join names as a+b (e.g. "
+                "blocklist+profanity>tiny)"
+            )
     prompt_guards = [_component(g, f"system '{ref}'") for g in guards.split("+") if g.strip()]
     image_guards = [_component(g, f"system '{ref}'") for g in image.split("+") if g.strip()]
     gen = gen.strip()
@@ -363,18 +378,9 @@ def parse_system(ref: str) -> SystemSpec:
 
 
 def _load_yaml(path: Path) -> SystemSpec:
-    import yaml
+    from ..paths import load_yaml
 
-    if not path.is_file():
-        raise UserError(f"system spec {path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        at = f" line {line + 1}" if line is not None else ""
-        raise UserError(f"system spec {path}{at}: malformed YAML") from None
-    except UnicodeDecodeError:
-        raise UserError(f"system spec {path}: not UTF-8") from None
+    data = load_yaml(path, "system spec")
     if not isinstance(data, dict):
         raise UserError(f"system spec {path}: expected a mapping with keys {sorted(_SPEC_KEYS)}")
     return _from_layout(path.stem, data, f"system spec {path}")

