@@ -1,8 +1,8 @@
 """Spaces-style entry for the explorer: `python app.py [RUNS_DIR]` (default: outputs/).
 
 A thin shell: everything lives in `t2i_eval.explorer_app`. It binds to 127.0.0.1 unless
-GRADIO_SERVER_NAME says otherwise (as Hugging Face Spaces does), serves files from RUNS_DIR only,
-and imports no torch unless the live tab runs a prompt.
+GRADIO_SERVER_NAME says otherwise (as Hugging Face Spaces does), serves no file by path (run
+images only, looked up by run and record), and imports no torch unless the live tab runs a prompt.
 """
 
 from __future__ import annotations

@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
         "explore",
         help="side-by-side explorer of run directories in the browser (Gradio, local only)",
         description="Serve an explorer over every run directory under RUNS_DIR. It binds to "
-        "127.0.0.1 on a free port unless told otherwise, makes no share link and serves files "
-        "from RUNS_DIR only.",
+        "127.0.0.1 on a free port unless told otherwise, makes no share link and serves no "
+        "file by path: only run images, looked up by run and record.",
     )
     p.add_argument("runs_dir", nargs="?", default="outputs", metavar="RUNS_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -5,9 +5,9 @@ Rows of run A and run B are matched by (prompt, seed): the prompt is the root of
 chain (`parent_id` or `id`), so a run and its rewritten twin (`t2i-eval rewrite`) line up as well
 as two systems on the same suite.
 
-Images are referenced by absolute path under the runs directory and served by Gradio's file route,
-which the app restricts to that directory (`allowed_paths`); `image_url` refuses anything outside
-it before a URL is ever written.
+Images are referenced by (run, record id), never by path: the app's own image route looks both up
+among the runs it found and that run's records, and the store resolves the file (`image_url`,
+`read_image`). No Gradio file route serves anything.
 """
 
 from __future__ import annotations
@@ -325,26 +325,61 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def image_url(path: str | None, runs_dir: Path) -> str | None:
-    """The URL Gradio serves `path` at, or None when it is not a file under `runs_dir`."""
-    if not path:
+#: The explorer's own image route (relative, so a page served under a root path still finds it).
+IMAGE_ROUTE = "t2i-eval/run-image"
+#: Content type -> the (offset, bytes) an image of that type starts with. An image slot holding
+#: anything else (say, an HTML page saved as `x.png`) is not served, whatever its name says.
+IMAGE_MAGIC: dict[str, tuple[tuple[int, bytes], ...]] = {
+    "image/png": ((0, b"\x89PNG\r\n\x1a\n"),),
+    "image/jpeg": ((0, b"\xff\xd8\xff"),),
+    "image/webp": ((0, b"RIFF"), (8, b"WEBP")),
+}
+
+
+def image_url(run: str, side: Side | None) -> str | None:
+    """The image route's URL for `side`'s image in run `run`, or None when it has no image file.
+
+    The URL names the run and the record, not a path: the route looks both up again."""
+    if side is None or side.image is None or not Path(side.image).is_file():
         return None
-    p = Path(path).resolve()
-    if not p.is_relative_to(runs_dir.resolve()) or not p.is_file():
+    return f"{IMAGE_ROUTE}?run={quote(run, safe='')}&record={quote(side.record_id, safe='')}"
+
+
+def image_type(data: bytes) -> str | None:
+    """The content type `data` is by its leading bytes (`IMAGE_MAGIC`), or None."""
+    for kind, marks in IMAGE_MAGIC.items():
+        if all(data[at : at + len(mark)] == mark for at, mark in marks):
+            return kind
+    return None
+
+
+def read_image(view: RunView, record_id: str) -> tuple[bytes, str] | None:
+    """(bytes, content type) of record `record_id`'s image in `view`, or None when the run has
+    no such record, the record no image inside its run directory, or the file is not an image."""
+    gen = view.data.gens.get(record_id)
+    if gen is None:
         return None
-    return "gradio_api/file=" + quote(str(p))
+    side = Side(record_id, "", None, gen=gen, root=view.path)
+    if side.image is None:
+        return None
+    try:
+        data = Path(side.image).read_bytes()
+    except OSError:  # missing, a folder, unreadable
+        return None
+    kind = image_type(data)
+    return (data, kind) if kind else None
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-def _cell(side: Side | None, runs_dir: Path, text: str = "") -> str:
-    """One run's cell; `text` is the row's prompt, so a rewritten prompt is shown where it
+def _cell(side: Side | None, run: str, text: str = "") -> str:
+    """One cell of run `run`; `text` is the row's prompt, so a rewritten prompt is shown where it
     differs."""
     if side is None:
         return "<td class='na'>not in this run</td>"
-    url = image_url(side.image, runs_dir)
+    url = image_url(run, side)
     img = (
         f"<img loading='lazy' width='128' height='128' src='{_e(url)}' alt='image'>"
         if url
@@ -393,21 +428,18 @@ def _details(r: Row, a: RunView, b: RunView | None) -> str:
     )
 
 
-def render_rows(
-    rows: list[Row], a: RunView, b: RunView | None, runs_dir: str | Path, total: int
-) -> str:
+def render_rows(rows: list[Row], a: RunView, b: RunView | None, total: int) -> str:
     """One page of rows as an HTML table: prompt, image A, image B, deciding stage, reasons."""
-    root = Path(runs_dir)
     head = f"<th>run A: {_e(a.name)}</th>" + (f"<th>run B: {_e(b.name)}</th>" if b else "")
     body = []
     for r in rows:
         text = r.a.text if r.a else r.text
-        b_cell = _cell(r.b, root, text) if b else ""
+        b_cell = _cell(r.b, b.name, text) if b else ""
         body.append(
             f"<tr class='row' data-key='{_e(r.key[0])}:{r.key[1]}'>"
             f"<td class='prompt'><div class='text'>{_e(text)}</div>"
             f"<div class='meta'>{_e(r.category)} · {_e(r.label)} · seed {r.key[1]}</div>"
-            f"{_details(r, a, b)}</td>{_cell(r.a, root, text)}{b_cell}</tr>"
+            f"{_details(r, a, b)}</td>{_cell(r.a, a.name, text)}{b_cell}</tr>"
         )
     if not body:
         return f"<p class='empty'>No row matches these filters ({total} rows in all).</p>"

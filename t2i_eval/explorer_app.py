@@ -2,8 +2,12 @@
 
 Safety of the server: it binds to 127.0.0.1 unless told otherwise, never makes a share link,
 sends no analytics, loads no font or script from the network (system fonts, no SSR), and serves
-files from the runs directory only (Gradio's `allowed_paths`; images of the live tab are sent
-inline, so no other file is ever written for serving).
+no file by path. Gradio is given no `allowed_paths`; run images come from the explorer's own
+route, which maps (run, record id) to the record's image through the store; images of the live
+tab are sent inline. An allow-list (`PAGE_ROUTES`) answers 403 to every other route Gradio
+mounts (its file, proxy and upload routes among them), so a route a later Gradio adds is closed
+until someone opens it here. Gradio's upload and cache folders live in a private temporary
+folder, never in the working directory or the `/tmp/gradio` every Gradio app on a machine shares.
 
 Speed with 10,000-record runs: runs are read once and cached until their files change, rows are
 paired once per (A, B), a filter touches only the row table (one page of rows, images loaded
@@ -12,16 +16,24 @@ lazily by the browser), and torch is imported only when the live tab runs a prom
 
 from __future__ import annotations
 
+import atexit
 import base64
+import functools
 import io
 import os
+import re
+import shutil
 import socket
+import tempfile
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import MissingExtra, UserError
 from .explorer import (
+    IMAGE_ROUTE,
     OUTCOME_FILTERS,
     PAGE_SIZE,
     SIDES,
@@ -32,6 +44,7 @@ from .explorer import (
     find_runs,
     page_of,
     pair_rows,
+    read_image,
     render_rows,
     run_facts,
     summary_rows,
@@ -56,9 +69,25 @@ CSS = """
 """
 
 
+@functools.cache
+def private_gradio_folder() -> Path:
+    """This process's folder for Gradio's uploads and caches (mode 0700, removed at exit).
+
+    Gradio's defaults are `/tmp/gradio`, shared by every Gradio app on the machine, and
+    `.gradio/` under the working directory, which lands inside RUNS_DIR for `explore .`."""
+    folder = Path(tempfile.mkdtemp(prefix="t2i-eval-explorer-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def _gradio() -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Set, not defaulted: a shared folder named by the environment is what this avoids. Before
+    # the import, since some Gradio modules read these once when imported.
+    private = private_gradio_folder()
+    os.environ["GRADIO_TEMP_DIR"] = str(private / "uploads")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(private / "examples")
     try:
         import gradio as gr
     except ImportError:
@@ -107,7 +136,17 @@ class Explorer:
         hits = filter_rows(rows, category, label, wanted, side, text or "")
         shown, page_no, pages = page_of(hits, int(page or 1), PAGE_SIZE)
         info = f"page {page_no} of {pages} · {len(hits)} matching rows of {len(rows)}"
-        return render_rows(shown, va, vb, self.runs_dir, len(rows)), page_no, info
+        return render_rows(shown, va, vb, len(rows)), page_no, info
+
+    def image(self, run: str, record_id: str) -> tuple[bytes, str] | None:
+        """(bytes, content type) of a record's image, or None. `run` must be one of the runs
+        found under the runs directory and `record_id` one of its records: both come from a
+        visitor, so neither is ever joined onto a path."""
+        if run not in self.runs():
+            return None
+        with self._lock:
+            view = self.views.get(run)
+        return read_image(view, record_id)
 
     def summary(self, a: str | None, b: str | None) -> tuple[str, list[list[str]], Any, list[str]]:
         """(facts HTML, summary table rows, chart, categories present) for runs A and B."""
@@ -339,7 +378,7 @@ def build_app(runs_dir: str | Path, live_systems: list[str] | None = None) -> An
         demo.load(pick_runs, [run_a, run_b], [facts, summary, chart, category]).then(
             first_page, filters, out
         )
-    demo.t2i_runs_dir = ex.runs_dir  # launch() confines file serving to it
+    demo.t2i_explorer = ex  # launch() serves its images
     return demo
 
 
@@ -351,57 +390,155 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-#: All the explorer's pages load through Gradio's file route: the runs' images.
-SERVED_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-_FILE_ROUTE = "/file="
+#: The routes the page needs, as (method, path template) of the mounted app: the page, Gradio's
+#: own bundled scripts, styles and icons (from its package folders; no path outside them), and
+#: the queue that runs events. Everything else Gradio mounts answers 403 (`PageOnly`).
+PAGE_ROUTES: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("GET", "/"),
+        ("HEAD", "/"),
+        ("GET", "/assets/{path:path}"),
+        ("GET", "/static/{path:path}"),
+        ("GET", "/favicon.ico"),
+        ("GET", "/theme.css"),
+        ("GET", "/gradio_api/startup-events"),
+        ("POST", "/gradio_api/queue/join"),
+        ("GET", "/gradio_api/queue/data"),
+        ("GET", "/gradio_api/heartbeat/{session_hash}"),
+        ("POST", "/gradio_api/cancel"),
+        ("GET", "/" + IMAGE_ROUTE),
+    }
+)
+_ANY_PATH = re.compile(".*")
 
 
-def file_request_allowed(path: str) -> bool:
-    """Whether a request path may reach Gradio's `file=` route (any other path may).
+@dataclass(frozen=True)
+class MountedRoute:
+    """One route of the mounted app, with its full path template, in dispatch order."""
 
-    Gradio serves every file type under `allowed_paths` inline with its own MIME type, so an
-    HTML page inside a run folder (one's own report, or a run folder from someone else) would
-    run script in the explorer's origin, where the live tab is; and the same route fetches any
-    public http(s) URL on a visitor's behalf. The explorer needs neither: only images pass."""
-    i = path.find(_FILE_ROUTE)
-    if i < 0:
-        return True
-    target = path[i + len(_FILE_ROUTE) :]
-    if "://" in target or target.lower().startswith(("http:", "https:", "//")):
-        return False
-    return target.lower().endswith(SERVED_SUFFIXES)
+    template: str
+    """Path template with every enclosing prefix, e.g. `/gradio_api/file/{path:path}`."""
+    scope: str
+    """`http`, `websocket`, or `any` (a mounted app the walk cannot look into)."""
+    methods: frozenset[str] | None
+    """HTTP methods it answers; None: all."""
+    regex: re.Pattern[str]
 
 
-class OnlyRunImages:
-    """ASGI middleware in front of the whole Gradio app: applies `file_request_allowed`."""
+def mounted_routes(routes: Iterable[Any], prefix: str = "") -> list[MountedRoute]:
+    """Every route under `routes`, flattened through mounts and included routers, in the order
+    Starlette tries them. A mounted app with no route list (static files, a sub-application)
+    becomes one route matching everything under its prefix, so nothing is served unlisted."""
+    from starlette.routing import Mount, WebSocketRoute, compile_path
+
+    out: list[MountedRoute] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # a router FastAPI included as one route
+        if inner is not None:
+            more = getattr(getattr(route, "include_context", None), "prefix", "") or ""
+            out += mounted_routes(inner.routes, prefix + more)
+        elif isinstance(route, Mount) and route.routes:
+            out += mounted_routes(route.routes, prefix + route.path)
+        elif isinstance(route, Mount) or not hasattr(route, "path"):
+            path = prefix + getattr(route, "path", "")
+            out.append(MountedRoute(path + "/{path:path}", "any", None, _prefix_regex(path)))
+        else:
+            template = prefix + route.path
+            kind = "websocket" if isinstance(route, WebSocketRoute) else "http"
+            methods = getattr(route, "methods", None)
+            regex = compile_path(template)[0]
+            out.append(MountedRoute(template, kind, frozenset(methods) if methods else None, regex))
+    return out
+
+
+def _prefix_regex(path: str) -> re.Pattern[str]:
+    return re.compile(re.escape(path) + "(/.*)?$") if path else _ANY_PATH
+
+
+def dispatched(table: list[MountedRoute], kind: str, method: str, path: str) -> MountedRoute | None:
+    """The route Starlette would hand this request to: the first whose path and method match."""
+    for r in table:
+        answers = kind != "http" or r.methods is None or method in r.methods
+        if r.scope in (kind, "any") and answers and r.regex.match(path):
+            return r
+    return None
+
+
+def page_route(table: list[MountedRoute], kind: str, method: str, path: str) -> bool:
+    """Whether the request reaches a route the page needs (`PAGE_ROUTES`)."""
+    r = dispatched(table, kind, method, path)
+    return r is not None and r.scope == kind == "http" and (method, r.template) in PAGE_ROUTES
+
+
+class PageOnly:
+    """ASGI middleware in front of the whole Gradio app: a request that Gradio would route to
+    anything but `PAGE_ROUTES` gets 403, decided on the app's own route table (read once, at the
+    first request, from the app itself) rather than on patterns of the URL."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self._table: list[MountedRoute] | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not file_request_allowed(scope.get("path", "")):
-            body = b"t2i-eval explorer: only run images are served\n"
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 403,
-                    "headers": [
-                        (b"content-type", b"text/plain; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+        if scope["type"] not in ("http", "websocket"):  # lifespan
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        from starlette._utils import get_route_path  # what the router itself matches against
+
+        if self._table is None:
+            self._table = mounted_routes(scope["app"].routes)
+        method = scope.get("method", "")
+        if page_route(self._table, scope["type"], method, get_route_path(scope)):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await _send_text(send, 403, "t2i-eval explorer: not a route of this page\n")
 
 
-def _blocked_folders() -> list[Path]:
-    """Folders Gradio serves besides `allowed_paths` (its upload folder, shared by every Gradio
-    app on the machine, and the examples cache): blocked, so only RUNS_DIR is served."""
-    from gradio import utils as gu
+async def _send_text(send: Any, status: int, text: str) -> None:
+    body = text.encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
-    return [Path(gu.get_upload_folder()).resolve(), Path(gu.get_cache_folder()).resolve()]
+
+#: Sent with every run image: never sniffed as anything else, nothing it may load or run, and
+#: no other site may embed it.
+IMAGE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "no-cache",
+}
+
+
+def image_route(ex: Explorer) -> Any:
+    """`GET /t2i-eval/run-image?run=RUN&record=RECORD_ID`: the record's image, or 404."""
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    def serve(request: Any) -> Any:
+        found = ex.image(
+            request.query_params.get("run", ""), request.query_params.get("record", "")
+        )
+        if found is None:
+            return PlainTextResponse("no such image\n", 404, {"X-Content-Type-Options": "nosniff"})
+        data, kind = found
+        return Response(data, media_type=kind, headers=IMAGE_HEADERS)
+
+    return Route("/" + IMAGE_ROUTE, serve, methods=["GET"])
+
+
+def app_kwargs(ex: Explorer) -> dict[str, Any]:
+    """What the explorer adds to the app Gradio builds: its image route and `PageOnly`."""
+    from starlette.middleware import Middleware
+
+    return {"routes": [image_route(ex)], "middleware": [Middleware(PageOnly)]}
 
 
 def launch(
@@ -418,20 +555,12 @@ def launch(
     if ":" in host:
         raise UserError(f"--host {host}: IPv6 literals are not supported; use 127.0.0.1")
     demo = build_app(runs_dir, live_systems)
-    runs = Path(demo.t2i_runs_dir)
-    blocked = _blocked_folders()
-    if any(runs.is_relative_to(b) or b.is_relative_to(runs) for b in blocked):
-        raise UserError(
-            f"{runs}: overlaps Gradio's upload or cache folder ({', '.join(map(str, blocked))}); "
-            "keep runs elsewhere"
-        )
+    runs = demo.t2i_explorer.runs_dir
     if host not in LOOPBACK:
         print(
             f"explorer: WARNING: serving on {host}: anyone who can reach this machine can read "
             f"the runs under {runs} and run the live tab's systems"
         )
-    from starlette.middleware import Middleware
-
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     try:
         port = port or free_port(host)
@@ -440,10 +569,8 @@ def launch(
             server_port=port,
             share=False,
             prevent_thread_lock=True,
-            allowed_paths=[str(runs)],
-            blocked_paths=[str(b) for b in blocked],
-            max_file_size=0,  # the explorer takes no uploads
-            app_kwargs={"middleware": [Middleware(OnlyRunImages)]},
+            max_file_size=0,  # the explorer takes no uploads (and PageOnly closes the route)
+            app_kwargs=app_kwargs(demo.t2i_explorer),
             quiet=True,
             ssr_mode=False,
             mcp_server=False,

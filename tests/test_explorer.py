@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from t2i_eval.explorer import (
     image_url,
     page_of,
     pair_rows,
+    read_image,
     render_rows,
 )
 from t2i_eval.store import RunStore
@@ -122,7 +124,7 @@ def test_pairs_by_prompt_and_seed_filters_and_pages(tmp_path):
 
     shown, page, pages = page_of(rows, 99, size=4)
     assert (page, pages, len(shown)) == (2, 2, 2)  # clamped to the last page
-    html = render_rows(rows, va, vb, runs, len(rows))
+    html = render_rows(rows, va, vb, len(rows))
     assert html.count("<tr class='row'") == 6
     assert "matched &#x27;bleeding&#x27;" in html  # reasons are shown, and escaped
 
@@ -165,22 +167,29 @@ def test_ten_thousand_records_one_page_at_a_time(tmp_path, monkeypatch):
     assert calls == [1]  # paired once; filters and pages reuse it
 
 
-def test_image_urls_stay_inside_the_runs_dir(tmp_path):
+def test_image_urls_name_the_record_and_images_stay_inside_their_run(tmp_path):
     runs = tmp_path / "runs"
     _synthetic_run(runs / "r", 3)
-    (tmp_path / "secret.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes((runs / "r" / "images" / "one.png").read_bytes())
     (runs / "r" / "images" / "link.png").symlink_to(tmp_path / "secret.png")
-    assert image_url(str(runs / "r" / "images" / "one.png"), runs).startswith("gradio_api/file=")
-    assert image_url(str(tmp_path / "secret.png"), runs) is None
-    assert image_url(str(runs / "r" / "images" / "link.png"), runs) is None
-    assert image_url(str(runs / "r" / ".." / ".." / "secret.png"), runs) is None
-    # a record naming a path outside its run gets no image at all
+    view = ViewCache(runs).get("r")
+    side = view.sides[("p1", 0)]
+    assert image_url("r", side) == f"t2i-eval/run-image?run=r&record={side.record_id}"
+    assert image_url("a/run b", side).startswith("t2i-eval/run-image?run=a%2Frun%20b&")
+    assert read_image(view, side.record_id)[1] == "image/png"
+    assert image_url("r", view.sides[("p0", 0)]) is None  # refused: no image
+    # a record naming a path outside its run, directly or through a symlink, has no image
     store = RunStore(runs / "r")
-    g = next(iter(store.read_generations().values()))
-    bad = Generation(**{**g.to_dict(), "decisions": g.decisions, "image_path": "../../secret.png"})
-    store.append_generations([bad])
+    g = store.read_generations()[side.record_id]
+    outside = ("../../secret.png", "images/link.png")
+    store.append_generations(
+        replace(g, record_id=f"bad{i}", image_path=p) for i, p in enumerate(outside)
+    )
+    view = ViewCache(runs).get("r")
+    assert read_image(view, "bad0") is None and read_image(view, "bad1") is None
+    store.append_generations([replace(g, image_path="../../secret.png")])
     side = ViewCache(runs).get("r").sides[(g.prompt_id, 0)]
-    assert side.image is None
+    assert side.image is None and image_url("r", side) is None
 
 
 def test_app_imports_no_torch_until_the_live_tab_runs(tmp_path):
@@ -258,28 +267,3 @@ def test_summary_rows_carry_intervals(tmp_path):
     micro = next(r for r in table if r[1] == "all (micro)")
     assert "[" in micro[2] and "/ 9)" in micro[2]  # rate (k / n) [CI] over the 9 benign
     assert "synthetic" in facts  # manifest facts shown
-
-
-@pytest.mark.parametrize(
-    "path,allowed",
-    [
-        ("/gradio_api/file=/runs/r/images/ab.png", True),
-        ("/gradio_api/file=/runs/r/images/AB.JPG", True),
-        ("/gradio_api/file=/runs/r/images/x.webp", True),
-        ("/gradio_api/file=/runs/r/report/index.html", False),
-        ("/gradio_api/file=/runs/r/manifest.json", False),
-        ("/gradio_api/file=/runs/r/generations/rank-0.jsonl", False),
-        ("/gradio_api/file=/runs/r/x.svg", False),  # SVG can carry script
-        ("/gradio_api/file=https://example.com/cat.png", False),  # no fetching for visitors
-        ("/gradio_api/file=http://127.0.0.1:9/cat.png", False),
-        ("/gradio_api/file=//example.com/cat.png", False),
-        ("/gradio_api/file=HTTPS:/example.com/cat.png", False),
-        ("/", True),  # the page and Gradio's own routes are not its business
-        ("/gradio_api/queue/join", True),
-        ("/gradio_api/info", True),
-    ],
-)
-def test_the_file_route_serves_run_images_only(path, allowed):
-    from t2i_eval.explorer_app import file_request_allowed
-
-    assert file_request_allowed(path) is allowed
