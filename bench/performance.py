@@ -8,6 +8,8 @@
 3. guards and judges: items/s batched vs one at a time;
 4. analysis: `sweep` and `report` over a synthetic run of 10,000 records (targets < 2 s, < 5 s);
 5. memory: peak RSS of a long run (fake system) at N and 4N records (flat = nothing accumulates).
+The GPU section comes from docs/gpu_table.json (bench/gpu_table.py, run on a GPU machine);
+`--gpu-section-only` re-renders just that section without rerunning the CPU bench.
 Tiny random-weight models on this CPU: the ratios are what carry over, not the absolute rates.
 """
 
@@ -34,6 +36,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from gpu_table import load_json as load_gpu_json  # noqa: E402
+from gpu_table import render_section as gpu_section  # noqa: E402
+from gpu_table import write_gpu_section  # noqa: E402
 from guards_speed import rate as guard_rate  # noqa: E402
 from guards_speed import synthetic_run  # noqa: E402
 from judges_speed import rate as judge_rate  # noqa: E402
@@ -112,7 +117,16 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument(
+        "--gpu-section-only",
+        action="store_true",
+        help="only re-render the GPU section of --doc from docs/gpu_table.json (no CPU bench)",
+    )
     args = ap.parse_args()
+    if args.gpu_section_only:
+        write_gpu_section(Path(args.doc), load_gpu_json())
+        print(f"written: GPU section of {args.doc}")
+        return 0
     rows: list[tuple[str, str, str, str]] = []
     texts = [p.text for p in load_suite("core").prompts][: args.images]
     gen_only = ROOT / "outputs" / ".bench-tiny-gen.yaml"
@@ -224,19 +238,7 @@ def main() -> int:
         "",
         *table,
         "",
-        "## GPU (full-size SD-1.5 architecture, 512x512, 25 steps, bf16)",
-        "",
-        "Not yet measured: no GPU machine was lent in this issue. The command to produce it on a "
-        "GPU: `t2i-eval run --system sd15.yaml --batch-size 8` against the bare loop above with "
-        "`generator: {name: diffusers, model: <folder>, dtype: bfloat16, device: cuda}`.",
-        "",
-        "| measure | value |",
-        "|---|---|",
-        "| images/s, bare loop | not yet measured |",
-        "| images/s, t2i-eval | not yet measured |",
-        "| UNet achieved FLOP/s vs bf16 matmul rate | not yet measured |",
-        "| safety checker share of time | not yet measured |",
-        "",
+        *gpu_section(load_gpu_json()),  # measured on a GPU by bench/gpu_table.py, if ever
     ]
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(args.doc).write_text("\n".join(doc))
