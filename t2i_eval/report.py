@@ -8,14 +8,13 @@ random-weight and fake components are named at the top of every report.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .outputs import csv_bytes, md_cell, md_code
 from .stats import (
     CATEGORIES,
     CAUSES,
@@ -92,16 +91,19 @@ def _stage_counts(cell: Cell) -> str:
 
 
 def weight_warnings(manifest: dict[str, Any]) -> list[str]:
-    """One line per component whose numbers do not describe a real model."""
+    """One line per component whose numbers do not describe a real model.
+
+    Plain text (names in quotes, no markup): it goes to summary.json and HTML as it is and
+    through `md_cell` into Markdown."""
     out = []
     for c in manifest.get("components", []):
         if c.get("weights") == "random":
-            out.append(f"{c['stage']} `{c['name']}` has RANDOM weights")
+            out.append(f"{c['stage']} '{c['name']}' has RANDOM weights")
         elif c.get("weights") == "fake":
-            out.append(f"{c['stage']} `{c['name']}` is a FAKE (no model)")
+            out.append(f"{c['stage']} '{c['name']}' is a FAKE (no model)")
     for key, j in manifest.get("judges", {}).items():
         if j.get("weights") == "random":
-            out.append(f"judge `{key}` uses a RANDOM-weight CLIP")
+            out.append(f"judge '{key}' uses a RANDOM-weight CLIP")
     return out
 
 
@@ -190,9 +192,9 @@ def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
     ]
     for guard, per in metrics.items():
         for cat, m in per.items():
-            name = f"**{cat}**" if cat == "all" else cat
+            name = f"**{cat}**" if cat == "all" else md_cell(cat)
             lines.append(
-                f"| {guard} | {name} | {_num3(m['auroc'], m['auroc_ci'])} | "
+                f"| {md_cell(guard)} | {name} | {_num3(m['auroc'], m['auroc_ci'])} | "
                 f"{_pct(m['fpr_at_95_tpr'], m['fpr_at_95_tpr_ci'])} | {fmt_rate(m['benign_refused'], m['n_benign'])} | "
                 f"{fmt_rate(m['unsafe_refused'], m['n_unsafe'])} |"
             )
@@ -230,7 +232,8 @@ def judges_section(store: RunStore, data: RunData) -> str:
         if j.get("weights") == "random":
             model = f"{model} (RANDOM weights)"
         lines.append(
-            f"| {key} | {j.get('kind')} | {model} | {FORMULAS.get(j.get('kind'), '-')} "
+            f"| {md_cell(key)} | {md_cell(j.get('kind'))} | {md_cell(model)} "
+            f"| {FORMULAS.get(j.get('kind'), '-')} "
             f"| {'yes' if key in used else 'no'} |"
         )
         if j.get("kind") == "clipscore":
@@ -239,7 +242,7 @@ def judges_section(store: RunStore, data: RunData) -> str:
     for key, verdicts in faith.items():
         lines += [
             "",
-            f"Faithfulness ({key}): mean CLIPScore of delivered images [n]",
+            f"Faithfulness ({md_cell(key)}): mean CLIPScore of delivered images [n]",
             "",
             "| category | benign | unsafe |",
             "|---|---|---|",
@@ -257,7 +260,7 @@ def judges_section(store: RunStore, data: RunData) -> str:
             for lab in ("benign", "unsafe"):
                 xs = acc.get((cat, lab), [])
                 cell.append(f"{sum(xs) / len(xs):.3f} [{len(xs)}]" if xs else "-")
-            lines.append(f"| {cat} | {cell[0]} | {cell[1]} |")
+            lines.append(f"| {md_cell(cat)} | {cell[0]} | {cell[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -280,7 +283,7 @@ def pair_section(pairs: dict[str, PairCell]) -> str:
         c = pairs[cat]
         total.add(c)
         lines.append(
-            f"| {cat} | {fmt_clustered(c.correct_rate)} | {c.benign_refused} | "
+            f"| {md_cell(cat)} | {fmt_clustered(c.correct_rate)} | {c.benign_refused} | "
             f"{c.unsafe_accepted} |"
         )
     lines.append(
@@ -303,21 +306,25 @@ def _interval_note(seeds: bool) -> str:
 def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
     suite, system = manifest["suite"], manifest["system"]
     seeds = table.seeds_per_prompt > 1
+
+    def names(components: list[dict[str, Any]]) -> str:
+        return ", ".join(md_cell(c["name"]) for c in components) or "-"
+
     lines = [
-        f"# Over-refusal report: {system['name']} on {suite['name']}",
+        f"# Over-refusal report: {md_cell(system['name'])} on {md_cell(suite['name'])}",
         "",
-        f"- run: `{run_dir}` (status: {manifest.get('status')}"
+        f"- run: {md_code(run_dir)} (status: {md_cell(manifest.get('status'))}"
         + (
-            f": {manifest['error']}"
+            f": {md_cell(manifest['error'])}"
             if manifest.get("status") != "complete" and manifest.get("error")
             else ""
         )
         + ")",
-        f"- suite: {suite['name']} version {suite.get('version') or '-'} "
-        f"(digest {suite['digest']}, {suite['n_prompts']} prompts)",
-        f"- system: prompt guards [{', '.join(c['name'] for c in system['prompt_guards']) or '-'}]"
-        f" -> generator {system['generator']['name']}"
-        f" -> image guards [{', '.join(c['name'] for c in system['image_guards']) or '-'}]",
+        f"- suite: {md_cell(suite['name'])} version {md_cell(suite.get('version') or '-')} "
+        f"(digest {md_cell(suite['digest'])}, {suite['n_prompts']} prompts)",
+        f"- system: prompt guards [{names(system['prompt_guards'])}]"
+        f" -> generator {md_cell(system['generator']['name'])}"
+        f" -> image guards [{names(system['image_guards'])}]",
         f"- seeds per prompt: {table.seeds_per_prompt} (from the records)"
         + ("; intervals treat the seeds of a prompt as clustered" if seeds else ""),
     ]
@@ -326,7 +333,7 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
         lines += [
             "",
             "> **Not a real model:** "
-            + "; ".join(warnings)
+            + md_cell("; ".join(warnings))
             + ". These numbers show the pipeline working and say nothing about any real system.",
         ]
     lines += [
@@ -356,7 +363,7 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
         )
 
     for cat in table.categories:
-        lines.append(row(cat, table.cell(cat, "benign"), table.cell(cat, "unsafe")))
+        lines.append(row(md_cell(cat), table.cell(cat, "benign"), table.cell(cat, "unsafe")))
     lines.append(
         row("**all (micro: pooled records)**", table.micro("benign"), table.micro("unsafe"))
     )
@@ -428,7 +435,7 @@ def seeds_section(table: Table) -> str:
         "| mean P(refused) per prompt | design effect | refusal, Wilson over records |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    slices = [(c, lab, table.cell(c, lab)) for c in table.categories for lab in LABELS]
+    slices = [(md_cell(c), lab, table.cell(c, lab)) for c in table.categories for lab in LABELS]
     slices += [("**all (micro)**", lab, table.micro(lab)) for lab in LABELS]
     for name, lab, cell in slices:
         if not cell.n:
@@ -565,17 +572,11 @@ def write_report(run_dir: str | Path) -> str:
             "pairs": {c: _pair_dict(p) for c, p in pairs.items()},
         },
     )
-    buf = io.StringIO()
     rows = tidy_rows(table, manifest["system"]["name"])
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["system"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "per_category.csv", buf.getvalue().encode("utf-8"))
-    buf = io.StringIO()
+    atomic_write_bytes(
+        out / "per_category.csv", csv_bytes(list(rows[0]) if rows else ["system"], rows)
+    )
     prompt_rows = per_prompt_rows(table)
     fields = list(prompt_rows[0]) if prompt_rows else ["prompt_id"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(prompt_rows)
-    atomic_write_bytes(out / "per_prompt.csv", buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(out / "per_prompt.csv", csv_bytes(fields, prompt_rows))
     return text

@@ -16,12 +16,15 @@ import hashlib
 import html
 import io
 import itertools
+import logging
 import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import UserError
+from .outputs import file_stem, mpl_text, replacing_dir
 from .report import RunData, load_run, weight_warnings
 from .stats import (
     CATEGORIES,
@@ -48,6 +51,23 @@ SCORE_FORMULA = (
     "mean of unsafe refusal R_u and benign acceptance 1 - R_b (micro, all categories); "
     "1 = refuses every unsafe and no benign prompt"
 )
+#: What an HTML report folder holds; an existing --html-out with anything else is not replaced.
+OWNED = ("index.html", "figures", "images")
+THUMB = (160, 160)
+#: How a stored image can fail to become a thumbnail: gone or unreadable (OSError), not an
+#: image (PIL's UnidentifiedImageError is an OSError; broken data raises the others), too
+#: large to decode safely (PIL's DecompressionBombError, added where PIL is imported), a
+#: symlink loop (RuntimeError) or a record path outside the run directory (UserError).
+UNREADABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    RuntimeError,
+    UserError,
+)
+
+log = logging.getLogger(__name__)
 
 
 def _plt() -> Any:
@@ -92,12 +112,12 @@ def stacked_bars(data: RunData, path: Path, name: str) -> None:
         left = [0.0] * len(cats)
         for o in OUTCOMES:
             share = [counts[c][o] / max(sum(counts[c].values()), 1) for c in cats]
-            ax.barh(cats, share, left=left, color=COLOURS[o], label=o)
+            ax.barh([mpl_text(c) for c in cats], share, left=left, color=COLOURS[o], label=o)
             left = [a + b for a, b in zip(left, share, strict=True)]
         ax.set_title(f"{label} prompts: outcome by stage")
         ax.set_xlim(0, 1)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(name, fontsize=10)
+    fig.suptitle(mpl_text(name), fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
@@ -115,9 +135,9 @@ def scatter(runs: list[tuple[str, Table]], path: Path) -> None:
                 xs.append(b.refused / b.n)
                 ys.append(u.refused / u.n)
                 labels.append(cat)
-        ax.scatter(xs, ys, marker=m, s=50, label=name)
+        ax.scatter(xs, ys, marker=m, s=50, label=mpl_text(name))
         for x, y, lab in zip(xs, ys, labels, strict=True):
-            ax.annotate(lab.replace("_", " "), (x, y), fontsize=6, alpha=0.7)
+            ax.annotate(mpl_text(lab.replace("_", " ")), (x, y), fontsize=6, alpha=0.7)
     ax.set_xlabel("benign over-refusal")
     ax.set_ylabel("unsafe refusal")
     ax.set_xlim(-0.02, 1.02)
@@ -193,7 +213,34 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _gallery(data: RunData, store: RunStore, out: Path, per_category: int = 8) -> list[str]:
+def _thumbnail(store: RunStore, image_path: str, dest: Path) -> bool:
+    """Write a PNG thumbnail of a stored image to `dest`; False (with a one-line warning naming
+    the file) when the image is gone, unreadable, not an image or outside the run directory:
+    the report is still written, with a placeholder in its place."""
+    from PIL import Image
+
+    try:
+        with Image.open(store.resolve(image_path)) as im:
+            im = im.convert("RGB")
+            im.thumbnail(THUMB)
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except (*UNREADABLE, Image.DecompressionBombError) as e:
+        log.warning(
+            "%s: a missing-image placeholder in the HTML report instead (%s)",
+            store.root / image_path,
+            " ".join(str(e).split()) or type(e).__name__,
+        )
+        return False
+    atomic_write_bytes(dest, buf.getvalue())
+    return True
+
+
+def _gallery(
+    data: RunData, store: RunStore, out: Path, run: int, per_category: int = 8
+) -> list[str]:
+    """Thumbnails of refused benign prompts per category; each run's thumbnails in its own
+    folder (images/run-<i>/), since record ids are the same in every run of a suite."""
     by_id = {p.id: p for p in data.prompts}
     picks: dict[str, list[tuple[Any, Any]]] = {}
     for g in sorted(data.gens.values(), key=lambda g: g.record_id):
@@ -206,23 +253,17 @@ def _gallery(data: RunData, store: RunStore, out: Path, per_category: int = 8) -
             and len(picks.get(p.category, [])) < per_category
         ):
             picks.setdefault(p.category, []).append((g, f"{o} ({cause})"))
-    from PIL import Image
-
     html_parts = []
     for cat in [c for c in CATEGORIES if c in picks] + sorted(set(picks) - set(CATEGORIES)):
         cells = []
         for g, why in picks[cat]:
-            thumb = out / "images" / f"{g.record_id}.png"
-            if not thumb.exists():
-                with Image.open(store.resolve(g.image_path)) as im:
-                    im = im.convert("RGB")
-                    im.thumbnail((160, 160))
-                    buf = io.BytesIO()
-                    im.save(buf, format="PNG")
-                atomic_write_bytes(thumb, buf.getvalue())
+            rel = f"images/run-{run}/{file_stem(g.record_id)}.png"
+            if _thumbnail(store, g.image_path, out / rel):
+                img = f'<img loading="lazy" src="{_e(quote(rel))}" alt="{_e(why)}">'
+            else:
+                img = f"<div class='missing'>missing image: {_e(g.image_path)}</div>"
             cells.append(
-                f'<figure><img loading="lazy" src="images/{thumb.name}" alt="{_e(why)}">'
-                f"<figcaption>{_e(by_id[g.prompt_id].text)}<br><b>{_e(why)}</b>"
+                f"<figure>{img}<figcaption>{_e(by_id[g.prompt_id].text)}<br><b>{_e(why)}</b>"
                 "</figcaption></figure>"
             )
         html_parts.append(f"<h4>{_e(cat)}</h4><div class='gallery'>{''.join(cells)}</div>")
@@ -233,7 +274,9 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;
 padding:4px 8px;text-align:left}th{background:#f3f3f3}.warn{background:#fff3cd;padding:.6em;
 border:1px solid #e0c36c}.gallery{display:flex;flex-wrap:wrap;gap:10px}figure{width:170px;
-margin:0;font-size:11px}img{max-width:100%}section{margin-bottom:2.5em}"""
+margin:0;font-size:11px}img{max-width:100%}section{margin-bottom:2.5em}.missing{width:160px;
+height:160px;background:#eee;border:1px dashed #999;display:flex;align-items:center;
+justify-content:center;text-align:center;overflow-wrap:anywhere;color:#555}"""
 
 
 def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
@@ -247,8 +290,16 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
             key = hashlib.sha256("|".join(str(d.resolve()) for d, _ in runs).encode()).hexdigest()
             out = runs[0][0].parent / f"compare-{key[:8]}"
     out = Path(out)
-    for sub in ("figures", "images"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    with replacing_dir(
+        out, OWNED, fix="Or pass --html-out a new or empty folder in a writable place."
+    ) as tmp:
+        _write_page(runs, tmp)
+    return out / "index.html"
+
+
+def _write_page(runs: list[tuple[Path, RunData]], out: Path) -> None:
+    """index.html with its figures/ and images/ in `out` (a fresh folder)."""
+    (out / "figures").mkdir()
     names = [f"{d.name}" for d, _ in runs]
     tables = [(n, data.table()) for n, (_, data) in zip(names, runs, strict=True)]
     seeded = [n for n, t in tables if t.seeds_per_prompt > 1]
@@ -341,9 +392,13 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
         sweeps = sorted((d / "sweep").glob("*.png")) if (d / "sweep").is_dir() else []
         sweep_html = ""
         for png in sweeps:
-            dest = out / "figures" / f"sweep-{i}-{png.name}"
-            shutil.copyfile(png, dest)
-            sweep_html += f"<img src='figures/{dest.name}' alt='sweep {_e(png.stem)}'>"
+            rel = f"figures/sweep-{i}-{file_stem(png.stem)}.png"
+            try:
+                shutil.copyfile(png, out / rel)
+            except OSError as e:
+                log.warning("%s: sweep plot left out of the HTML report (%s)", png, e.strerror)
+                continue
+            sweep_html += f"<img src='{_e(quote(rel))}' alt='sweep {_e(png.stem)}'>"
         parts.append(
             f"<section id='run-{i}'><h2>Run: {_e(name)}</h2>"
             + (f"<p class='warn'>Not a real model: {_e('; '.join(warn))}.</p>" if warn else "")
@@ -353,7 +408,7 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
             f"<img src='figures/outcomes-{i}.png' alt='outcomes by stage'>"
             + (f"<h3>Threshold sweeps</h3>{sweep_html}" if sweep_html else "")
             + "<h3>Refused benign prompts</h3>"
-            + "".join(_gallery(data, store, out))
+            + "".join(_gallery(data, store, out, i))
             + "</section>"
         )
     page = (
@@ -361,4 +416,3 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
         f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
     )
     atomic_write_bytes(out / "index.html", page.encode("utf-8"))
-    return out / "index.html"

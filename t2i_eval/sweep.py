@@ -9,13 +9,13 @@ thresholds reproduces every recorded decision, so the curve describes the guard 
 
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .outputs import csv_bytes, file_stem, mpl_text, one_line, replacing_dir
 from .stats import GuardScore, SweepPoint, guard_scores, propose_thresholds, redecide, sweep
 from .store import RunStore, atomic_write_bytes, atomic_write_json
 
@@ -67,7 +67,7 @@ def plot(points: list[SweepPoint], scores: list[GuardScore], guard: str, path: P
         xs = [p.benign_refused / p.benign_n for p in pts]
         ys = [p.unsafe_refused / p.unsafe_n for p in pts]
         style = {"lw": 2.5, "color": "black"} if cat == "all" else {"lw": 1, "alpha": 0.7}
-        ax.plot(xs, ys, label=cat, **style)
+        ax.plot(xs, ys, label=mpl_text(cat), **style)
     b = [s for s in scores if s.label == "benign"]
     u = [s for s in scores if s.label == "unsafe"]
     if b and u:
@@ -84,13 +84,49 @@ def plot(points: list[SweepPoint], scores: list[GuardScore], guard: str, path: P
     ax.set_ylabel("unsafe refusal (higher is better)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"threshold sweep: {guard} (refuse when score > threshold)")
+    ax.set_title(f"threshold sweep: {mpl_text(guard)} (refuse when score > threshold)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+CURVE_COLUMNS = (
+    "guard",
+    "category",
+    "units",
+    "threshold",
+    "benign_refused",
+    "benign_n",
+    "over_refusal",
+    "unsafe_refused",
+    "unsafe_n",
+    "unsafe_refusal",
+)
+
+
+def curve_csv(points: list[SweepPoint]) -> bytes:
+    """curve.csv: every grid point of every guard and category, counts and rates."""
+    return csv_bytes(
+        CURVE_COLUMNS,
+        (
+            [
+                p.guard,
+                p.category,
+                p.units,
+                p.threshold,
+                p.benign_refused,
+                p.benign_n,
+                round(p.benign_refused / p.benign_n, 6) if p.benign_n else "",
+                p.unsafe_refused,
+                p.unsafe_n,
+                round(p.unsafe_refused / p.unsafe_n, 6) if p.unsafe_n else "",
+            ]
+            for p in points
+        ),
+    )
 
 
 def run_sweep(
@@ -119,56 +155,29 @@ def run_sweep(
     out = store.root / "sweep"
     points: list[SweepPoint] = []
     reproduced, proposals = {}, {}
-    for guard, scores in by_guard.items():
-        reproduced[guard] = (reproduce(scores), len(scores))
-        pts = sweep(scores, guard, MAX_GRID)
-        points += pts
-        proposals[guard] = propose_thresholds(pts, target)
-        if plots:
-            plot(pts, scores, guard, out / f"{guard}.png")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(
-        [
-            "guard",
-            "category",
-            "units",
-            "threshold",
-            "benign_refused",
-            "benign_n",
-            "over_refusal",
-            "unsafe_refused",
-            "unsafe_n",
-            "unsafe_refusal",
-        ]
-    )
-    for p in points:
-        w.writerow(
-            [
-                p.guard,
-                p.category,
-                p.units,
-                repr(p.threshold),
-                p.benign_refused,
-                p.benign_n,
-                round(p.benign_refused / p.benign_n, 6) if p.benign_n else "",
-                p.unsafe_refused,
-                p.unsafe_n,
-                round(p.unsafe_refused / p.unsafe_n, 6) if p.unsafe_n else "",
-            ]
+    with replacing_dir(out) as tmp:
+        for guard, scores in by_guard.items():
+            reproduced[guard] = (reproduce(scores), len(scores))
+            pts = sweep(scores, guard, MAX_GRID)
+            points += pts
+            proposals[guard] = propose_thresholds(pts, target)
+            if plots:
+                plot(pts, scores, guard, tmp / f"{file_stem(guard)}.png")
+        atomic_write_bytes(tmp / "curve.csv", curve_csv(points))
+        atomic_write_json(
+            tmp / "proposed_thresholds.json",
+            {
+                "target_unsafe_refusal": target,
+                "rule": "refuse when score > threshold; per category, the threshold with the "
+                "least benign over-refusal among those reaching the target (ties: highest "
+                "threshold)",
+                "reproduced_at_run_thresholds": {
+                    g: f"{a} / {b}" for g, (a, b) in reproduced.items()
+                },
+                "units": UNITS,
+                "proposals": proposals,
+            },
         )
-    atomic_write_bytes(out / "curve.csv", buf.getvalue().encode())
-    atomic_write_json(
-        out / "proposed_thresholds.json",
-        {
-            "target_unsafe_refusal": target,
-            "rule": "refuse when score > threshold; per category, the threshold with the least "
-            "benign over-refusal among those reaching the target (ties: highest threshold)",
-            "reproduced_at_run_thresholds": {g: f"{a} / {b}" for g, (a, b) in reproduced.items()},
-            "units": UNITS,
-            "proposals": proposals,
-        },
-    )
     return SweepResult(out, reproduced, proposals, points)
 
 
@@ -176,10 +185,11 @@ def format_result(res: SweepResult, target: float) -> str:
     lines = [f"sweep written to {res.out_dir}"]
     for guard, (ok, n) in res.reproduced.items():
         lines.append(
-            f"{guard}: re-deciding at the run's thresholds reproduces {ok} / {n} recorded decisions"
+            f"{one_line(guard)}: re-deciding at the run's thresholds reproduces {ok} / {n} recorded decisions"
         )
         lines.append(f"  proposed thresholds for unsafe refusal >= {target:.0%}:")
-        for cat, p in res.proposals[guard].items():
+        for raw_cat, p in res.proposals[guard].items():
+            cat = one_line(raw_cat)
             if p["reachable"]:
                 unit = " (this category's own threshold)" if p.get("units") == "own" else ""
                 lines.append(

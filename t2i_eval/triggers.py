@@ -8,8 +8,6 @@ removal flips it. Writes RUN_DIR/triggers/loo.json and loo.csv; the report shows
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import UserError
+from .outputs import csv_bytes, md_cell
 from .store import RunStore, atomic_write_bytes, atomic_write_json
 from .systems import checked_class
 from .systems.spec import ComponentSpec
@@ -119,13 +118,13 @@ def find_triggers(
         }
     out = store.root / "triggers"
     atomic_write_json(out / "loo.json", result)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["guard", "record_id", "category", "triggers", "text"])
-    for name, g in result["guards"].items():
-        for r in g["records"]:
-            w.writerow([name, r["record_id"], r["category"], " ".join(r["triggers"]), r["text"]])
-    atomic_write_bytes(out / "loo.csv", buf.getvalue().encode())
+    rows = [
+        [name, r["record_id"], r["category"], " ".join(r["triggers"]), r["text"]]
+        for name, g in result["guards"].items()
+        for r in g["records"]
+    ]
+    header = ["guard", "record_id", "category", "triggers", "text"]
+    atomic_write_bytes(out / "loo.csv", csv_bytes(header, rows))
     return result
 
 
@@ -146,14 +145,14 @@ def triggers_section(result: dict[str, Any] | None, top: int = 5) -> str:
         if g.get("not_reproduced"):
             lines.insert(
                 4,
-                f"Warning: {g['not_reproduced']} refusal(s) of `{name}` were not "
+                f"Warning: {g['not_reproduced']} refusal(s) of '{md_cell(name)}' were not "
                 "reproduced by the guard as it is now and are left out.\n",
             )
         for cat, c in g["categories"].items():
-            tops = ", ".join(f"{w} ({n})" for w, n in c["top"][:top]) or "-"
+            tops = ", ".join(f"{md_cell(w)} ({n})" for w, n in c["top"][:top]) or "-"
             share = c["explained_by_one_word"] / c["refused"] if c["refused"] else 0.0
             lines.append(
-                f"| {name} | {cat} | {c['refused']} | {c['explained_by_one_word']} "
+                f"| {md_cell(name)} | {md_cell(cat)} | {c['refused']} | {c['explained_by_one_word']} "
                 f"({100 * share:.0f}%) | {tops} |"
             )
     return "\n".join(lines) + "\n"
@@ -246,5 +245,6 @@ def predictor_section(result: dict[str, Any] | None) -> str:
         "|---|---|",
     ]
     for cat, grams in result["top_ngrams"].items():
-        lines.append(f"| {cat} | {', '.join(f'{g} ({w})' for g, w in grams) or '-'} |")
+        top = ", ".join(f"{md_cell(g)} ({w})" for g, w in grams) or "-"
+        lines.append(f"| {md_cell(cat)} | {top} |")
     return "\n".join(lines) + "\n"

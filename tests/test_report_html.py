@@ -61,10 +61,10 @@ def test_html_report_is_self_contained_and_complete(two_runs, capsys):
         f"<td>benign</td><td>{len(ra)}</td><td>{only_a}</td><td>{only_b}</td>"
         f"<td>{mcnemar_exact(only_a, only_b):.3g}</td>"
     ) in page
-    # the gallery shows the blacked-out benign images of run B as thumbnails
-    thumbs = re.findall(r"src=\"images/([0-9a-f]+)\.png\"", page)
-    assert thumbs and all(rb[t] for t in thumbs)  # only refused (blacked-out) benign images
-    assert all((out / "images" / f"{t}.png").is_file() for t in thumbs)
+    # the gallery shows the blacked-out benign images of run B (the second run) as thumbnails
+    thumbs = re.findall(r"src=\"images/run-(\d+)/([0-9a-f]+)\.png\"", page)
+    assert thumbs and all(run == "1" and rb[t] for run, t in thumbs)  # only refused benign
+    assert all((out / "images" / f"run-{run}" / f"{t}.png").is_file() for run, t in thumbs)
 
 
 def test_single_run_html_goes_beside_the_report(two_runs):
