@@ -116,13 +116,10 @@ def _infrastructure_errors(failures: list[tuple[str, int]]) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    if (
-        args.html
-        and args.html_out
-        and os.path.exists(args.html_out)
-        and not os.path.isdir(args.html_out)
-    ):
-        raise UserError(f"--html-out {args.html_out}: exists and is not a folder")
+    if args.html and args.html_out:
+        from .report_html import check_html_out
+
+        check_html_out(args.html_out)  # before report.md is rewritten
     for run_dir in args.run_dirs:
         text = write_report(run_dir)
         if not args.html:

@@ -145,6 +145,25 @@ def _check_replaceable(dest: Path, owned: Collection[str] | None, fix: str) -> N
         )
 
 
+def check_output_dir(dest: Path, owned: Collection[str] | None = None, fix: str = "") -> None:
+    """Raise, before anything is written anywhere, the UserError `replacing_dir` would raise
+    for `dest`: a command that writes several outputs checks the last one first, so a bad
+    path never leaves the earlier outputs rewritten."""
+    dest = Path(dest)
+    nearest = next((p for p in dest.parents if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        why = f"{nearest} is a file"
+    elif nearest is not None and not os.access(nearest, os.W_OK | os.X_OK):
+        why = f"{nearest} is not writable"
+    else:
+        _check_replaceable(dest, owned, fix)
+        return
+    raise UserError(
+        f"{dest}: cannot create the output folder ({why}); expected a path under a folder you "
+        f"can write to. {fix}"
+    )
+
+
 def _why(dest: Path, e: OSError) -> str:
     """The reason a folder cannot be made, naming a file that sits where a folder should."""
     blocker = next((p for p in dest.parents if p.exists()), None)

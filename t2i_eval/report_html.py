@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import UserError
-from .outputs import file_stem, mpl_text, replacing_dir
+from .outputs import check_output_dir, file_stem, mpl_text, replacing_dir
 from .report import RunData, load_run, weight_warnings
 from .stats import (
     CATEGORIES,
@@ -279,6 +279,14 @@ height:160px;background:#eee;border:1px dashed #999;display:flex;align-items:cen
 justify-content:center;text-align:center;overflow-wrap:anywhere;color:#555}"""
 
 
+_FIX = "Or pass --html-out a new or empty folder in a writable place."
+
+
+def check_html_out(out: str | Path) -> None:
+    """Refuse an unusable --html-out before the command writes anything (see outputs)."""
+    check_output_dir(Path(out), OWNED, _FIX)
+
+
 def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     if not run_dirs:
         raise UserError("report --html needs at least one RUN_DIR")
@@ -290,9 +298,7 @@ def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Pat
             key = hashlib.sha256("|".join(str(d.resolve()) for d, _ in runs).encode()).hexdigest()
             out = runs[0][0].parent / f"compare-{key[:8]}"
     out = Path(out)
-    with replacing_dir(
-        out, OWNED, fix="Or pass --html-out a new or empty folder in a writable place."
-    ) as tmp:
+    with replacing_dir(out, OWNED, fix=_FIX) as tmp:
         _write_page(runs, tmp)
     return out / "index.html"
 

@@ -347,6 +347,29 @@ CASES = [
     system("system_name_megabyte", "{MADE:long_name}", "Unknown generator 'xxxx"),
     case("seeds_two_billion", ["run", "--system", "fake", "--seeds", "2000000000"], "more than one run plans (2,000,000); lower --seeds"),
     case("seeds_times_prompts_too_many", ["run", "--system", "fake", "--seeds", "10000"], "216 prompts x 10,000 seeds = 2,160,000 items"),
+    # outputs and the explorer ------------------------------------------------------------------
+    case(
+        "html_out_under_a_file",
+        ["report", "{RUN}", "--html", "--html-out", "{BAD}/suite_empty.jsonl/sub"],
+        "cannot create the output folder (",
+    ),
+    case(
+        "html_out_is_a_users_folder",
+        ["report", "{RUN}", "--html", "--html-out", "{USERDIR}"],
+        "holds files this output does not own (prompts.jsonl)",
+    ),
+    case("explore_runs_dir_missing", ["explore", "{OUT}"], "not a directory; give the folder"),
+    case(
+        "explore_runs_dir_is_a_file",
+        ["explore", "{BAD}/suite_empty.jsonl"],
+        "not a directory; give the folder that holds your runs",
+    ),
+    case("explore_port_out_of_range", ["explore", "{BAD}", "--port", "99999"], "--port 99999: expected 1..65535"),
+    case(
+        "explore_live_system_unknown",
+        ["explore", "{BAD}", "--live-system", "blocklist>fak"],
+        "Unknown generator 'fak'. Did you mean 'fake'?",
+    ),
     # run data of the wrong type: refused at the store, naming file, line and field ----------
     damaged("record_status_number", "report", "generations/rank-1.jsonl", "record_status_number.jsonl", "rank-1.jsonl line 1: not a record of this t2i-eval version (field 'status' should be one of ok, refused, error, found 5)"),
     damaged("record_status_unknown", "judge", "generations/rank-1.jsonl", "record_status_unknown.jsonl", "field 'status' should be one of ok, refused, error, found maybe"),
