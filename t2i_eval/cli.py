@@ -226,6 +226,8 @@ def api_providers() -> dict[str, str]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .judges import builtin_judges, load_spec
+    from .suite_spec import load_spec as load_suite_spec
+    from .suite_spec import recipes, taxonomy_names
     from .suites import builtin_suites, load_suite
     from .systems import GENERATORS, IMAGE_GUARDS, PRESETS, PROMPT_GUARDS
     from .systems.spec import preset_needs
@@ -234,6 +236,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in builtin_suites():
         s = load_suite(name)
         print(f"  {name:<14} version {s.version or '-'}, {len(s)} prompts")
+    print("recipes (public prompt sets: --suite NAME:PATH for a local copy, NAME for its own source):")
+    for name, path in recipes().items():
+        spec = load_suite_spec(path, f"recipe '{name}'")
+        where = spec.source or spec.doc.get("homepage", "-")
+        print(f"  {name:<16} license {spec.values.get('license', '?')}; source: {where}")
+        print(f"  {'':<16} {spec.doc.get('about', '')}")
+        print(f"  {'':<16} labels: {' '.join(str(spec.doc.get('labels_mean', '-')).split())}")
+    print(f"taxonomies (prompts/taxonomies.yaml, spec key 'taxonomy'): {', '.join(taxonomy_names())}")
     print("systems (presets; or PROMPT_GUARDS>GENERATOR[>IMAGE_GUARDS], or a YAML file):")
     for name, layout in PRESETS.items():
         print(f"  {name:<14} {layout.get('about', '')}")
@@ -507,9 +517,11 @@ def _internal_error(e: BaseException) -> int:
     import traceback
 
     from .errors import INTERNAL_ERROR
+    from .net import environment_redactor
     from .paths import cache_root
 
-    text = "".join(traceback.format_exception(e))
+    redact = environment_redactor()  # a traceback may quote a request that carried a key
+    text = redact("".join(traceback.format_exception(e)))
     where = "(could not be saved)"
     for folder in (cache_root() / "crashes", Path(tempfile.gettempdir())):
         try:
@@ -520,7 +532,7 @@ def _internal_error(e: BaseException) -> int:
             break
         except OSError:
             continue
-    summary = _one_line(f"{type(e).__name__}: {e}")[:200]
+    summary = redact(_one_line(f"{type(e).__name__}: {e}"))[:200]
     print(
         f"t2i-eval: internal error: {summary}; this is a bug in t2i-eval, not your input. "
         f"Traceback saved to {where}",

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import UserError
+from .outputs import md_cell, md_code
 from .report import RunData, load_run
 from .rewrite import RewriteCache, build_rewriter
 from .runner import record_id, run
@@ -276,9 +277,9 @@ def rewrite_report(
         else " (no harm judge on the linked run: every such prompt counts)"
     )
     lines = [
-        f"# Rewriting: {rewrites[0].rewriter if rewrites else '-'} on `{parent_dir}`",
+        f"# Rewriting: {md_cell(rewrites[0].rewriter) if rewrites else '-'} on {md_code(parent_dir)}",
         "",
-        f"Linked run: `{linked / 'run'}`. One pair per prompt (refused = hard refusal or blocked "
+        f"Linked run: {md_code(linked / 'run')}. One pair per prompt (refused = hard refusal or blocked "
         "image on any seed; sanitization is not re-judged on rewrites, so it counts as accepted "
         "on both sides). Benign over-refusal before -> after (prompts not rewritten keep their "
         "outcome), `rate (k / n) [95% Wilson CI]`, exact McNemar p on the paired prompts. Meaning "
@@ -327,7 +328,7 @@ def rewrite_report(
         )
         invalid = sum(v for k, v in c.statuses.items() if k != "ok")
         bad = ", ".join(f"{k} {v}" for k, v in sorted(c.statuses.items()) if k != "ok")
-        name = f"**{cat}**" if cat == "all" else cat
+        name = f"**{cat}**" if cat == "all" else md_cell(cat)
         lines.append(
             f"| {name} | {fmt_rate(*c.before)} | {fmt_rate(*c.after)} | {c.recovered} / {c.broke} "
             f"(p={mcnemar_exact(c.recovered, c.broke):.3g}) | {sim} | {dclip} | "

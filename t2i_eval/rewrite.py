@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .net import HttpClient, Response, TransientError, check_url
+from .net import HttpClient, Response, TransientError, check_url, redact_options, redact_url
 from .paths import data_dir
+from .store import append_jsonl, read_jsonl
 
 STATUSES = ("ok", "empty", "overlong", "refusal", "unchanged", "error")
 
@@ -237,7 +238,8 @@ class OpenAIChat(ChatBackend):
         self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env
         self.max_new_tokens = int(max_new_tokens)
-        self.spec = {"base_url": base_url, "max_new_tokens": self.max_new_tokens}
+        # written to rewrite_plan.json and the linked run's manifest: no user info or key
+        self.spec = {"base_url": redact_options(base_url), "max_new_tokens": self.max_new_tokens}
         self.client = HttpClient(
             "llm rewriter",
             timeout=timeout,
@@ -257,10 +259,11 @@ class OpenAIChat(ChatBackend):
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _parse(self, resp: Response) -> str:
+        """The answer's text, scrubbed of the key: it becomes a prompt, a record, a log line."""
         if resp.status >= 400:
-            raise UserError(f"llm rewriter: {self.url} answered HTTP {resp.status}")
+            raise UserError(f"llm rewriter: {redact_url(self.url)} answered HTTP {resp.status}")
         try:
-            return str(resp.json()["choices"][0]["message"]["content"] or "")
+            return resp.redact(str(resp.json()["choices"][0]["message"]["content"] or ""))
         except (KeyError, IndexError, TypeError):
             raise TransientError("malformed response body") from None
 
@@ -288,7 +291,8 @@ class OpenAIChat(ChatBackend):
         except TransientError as e:
             if not self.client.answered:
                 raise UserError(
-                    f"llm rewriter: {self.url} never answered ({e.message}); is the server running?"
+                    f"llm rewriter: {redact_url(self.url)} never answered ({e.message}); is the "
+                    "server running?"
                 ) from None
             raise
 
@@ -354,14 +358,17 @@ class RewriteCache:
     def __init__(self, path: Path, spec: dict[str, Any]) -> None:
         self.path, self.spec_digest = path, _digest(spec)
         self.cache: dict[str, Rewrite] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line: that rewrite is simply redone
+        # the run store's JSONL: a torn last line (a crash mid-write) is dropped when read and
+        # cut off before the next append, so it never swallows the record written after it
+        for d in read_jsonl(path) if path.exists() else ():
+            try:
                 key = d.pop("key")  # before Rewrite(**d): it takes no 'key'
                 self.cache[key] = Rewrite(**d)
+            except (KeyError, TypeError):
+                raise UserError(
+                    f"{path}: a record that is no rewrite of this t2i-eval version ({sorted(d)}); "
+                    "delete the file to rewrite again"
+                ) from None
 
     def key(self, text: str) -> str:
         return hashlib.sha256(f"{self.spec_digest}\x1f{text}".encode()).hexdigest()[:20]
@@ -373,9 +380,5 @@ class RewriteCache:
             return Rewrite(parent_id, hit.original, hit.text, hit.status, hit.rewriter, hit.details)
         rw = make()
         self.cache[k] = rw
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": k, **asdict(rw)}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, [{"key": k, **asdict(rw)}])
         return rw

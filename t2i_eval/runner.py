@@ -222,6 +222,7 @@ def _open_store(store: RunStore, suite: Suite, spec: SystemSpec, argv: list[str]
                 "source": suite.source,
                 "digest": suite.digest,
                 "n_prompts": len(suite),
+                **({"provenance": suite.provenance} if suite.provenance else {}),
             },
             # a literal key in an option is rejected later; it must not reach the disk first
             "system": {**redact_options(spec.to_dict()), "digest": spec.digest},
@@ -391,7 +392,12 @@ def _run_locked(
             if rank == 0:
                 store.update_manifest(
                     components=[
-                        {"stage": stage, "name": c.name, "weights": c.weights, "info": c.info()}
+                        {
+                            "stage": stage,
+                            "name": c.name,
+                            "weights": c.weights,
+                            "info": redact_options(c.info()),
+                        }
                         for stage, c in system.components()
                     ]
                 )

@@ -407,5 +407,3 @@ class RunStore:
     def verdict_keys(self) -> list[str]:
         folder = self.root / "verdicts"
         return sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
-
-_read_jsonl, _append_jsonl = read_jsonl, append_jsonl  # TODO(lead): drop once rewrite.py imports the public names

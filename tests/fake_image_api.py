@@ -5,6 +5,7 @@ Routes, shaped like the real APIs (see t2i_eval/systems/api.py for the sources):
     POST /v1beta/models/MODEL:predict    Imagen through the Gemini API
     POST /fal-ai/flux-pro/v1.1           fal FLUX1.1 [pro] (synchronous endpoint)
     POST /generic                        a made-up JSON API for the `http` adapter
+    POST /v1/chat/completions            an OpenAI-compatible chat API (the `llm` rewriter)
     GET  /files/NAME.png                 image downloads (answers that carry a URL)
 
 The prompt carries its script: a prompt ending in `[r429,ok]` gets a 429 on its first request
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import html
 import io
 import json
 import re
@@ -27,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus
 
 import numpy as np
 from PIL import Image
@@ -65,6 +68,24 @@ CONFIG_ERRORS = {
     "fal": ("Input should be 'square_hd' or 'square'", "safety_tolerance: invalid value"),
     "http": ("blocked: invalid value for 'size'", "key not allowed on this plan (safety tier)"),
 }
+
+#: Answers that echo the request's credential back, each in another form, with the status it
+#: comes with (a 5xx is retried, so its text reaches the `-v` log too). The chat route answers
+#: 503 in place of a 4xx: a 4xx aborts a whole rewrite, while the point is a record per prompt.
+LEAKS = {
+    "leakjson": 500,  # raw, inside a JSON body, straddling the 200-character cut
+    "leakhtml": 502,  # inside an HTML page, HTML-escaped and as character references
+    "leakescaped": 400,  # JSON-escaped: `\/`, `\u002b`
+    "leakquoted": 401,  # URL-quoted, upper- and lower-case hex, quote and quote_plus
+    "leakbasic": 403,  # base64 of `user:KEY`, `:KEY`, `KEY:` and of KEY alone
+    "leakheaders": 400,  # a dump of the request's headers (httpbin's /headers)
+    "leakredirect": 307,  # a redirect whose target carries the key
+    "leakslow": 500,  # the key dribbled out slower than any timeout allows
+}
+#: Characters before the key in a `leakjson` body: it starts just before byte 200.
+LEAK_AT = 190
+#: Seconds between the bytes of a `dribble` answer (and of `leakslow`).
+DRIBBLE_EVERY = 0.4
 
 #: Kinds the client must retry (transient) and what every other kind must become.
 TRANSIENT = {
@@ -261,6 +282,8 @@ class _Handler(BaseHTTPRequestHandler):
             provider, prompt = "fal", request["prompt"]
         elif route == "/generic":
             provider, prompt = "http", request["input"]["text"]
+        elif route == "/v1/chat/completions":
+            provider, prompt = "chat", request["messages"][-1]["content"]
         else:
             self._record("unknown", body, None, "404")
             self._send(404, {"detail": f"no route {self.path}"})
@@ -271,7 +294,94 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- the answers -----------------------------------------------------------------------
 
+    def _credentials(self) -> list[str]:
+        """The keys this request carried, bare (`Bearer KEY` -> KEY), wherever they were."""
+        values = [self.headers.get(h) for h in ("Authorization", "x-goog-api-key", "X-Api")]
+        values += [v for k, v in parse_qsl(self.path.partition("?")[2]) if k == "key"]
+        return [re.sub(r"^(Bearer|Key|token=) *", "", v) for v in values if v]
+
+    def _dribble(self, data: bytes, every: float = DRIBBLE_EVERY) -> None:
+        """Write `data` one byte at a time: no single read waits long, the whole does."""
+        for i in range(len(data)):
+            if self.api._stop.wait(every if i else 0):
+                break
+            try:
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+            except OSError:  # the client gave up, as it should
+                break
+        self.close_connection = True
+
+    def _leak(self, provider: str, kind: str) -> None:
+        """Echo every credential of the request in the form `kind` names (see LEAKS)."""
+        status = LEAKS[kind]
+        if provider == "chat" and status < 500:
+            status = 503
+        keys = self._credentials() or ["(no key)"]
+        key = keys[0]
+        if kind == "leakjson":
+            text = "x" * (LEAK_AT - len('{"error": {"message": "')) + " ".join(keys)
+            raw = json.dumps({"error": {"message": text, "code": "server_error"}}).encode()
+        elif kind == "leakhtml":
+            page = (
+                "<html><head><title>502 Bad Gateway</title></head><body>"
+                + "<p>upstream said:</p>" * 6  # the key starts near character 180
+                + f"<pre>{html.escape(key)}</pre><p>{''.join(f'&#{ord(c)};' for c in key)}</p>"
+                + f"<a href='/retry?key={key.replace('/', '&#x2F;')}'>retry</a></body></html>"
+            )
+            self._send(status, raw=page.encode(), Content_Type="text/html")
+            return
+        elif kind == "leakescaped":
+            escaped = json.dumps(key).strip('"').replace("/", "\\/").replace("+", "\\u002b")
+            raw = ('{"fault": "credential \\"' + escaped + '\\" is not valid"}').encode()
+        elif kind == "leakquoted":
+            lower = re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(key, safe=""))
+            raw = json.dumps(
+                {"fault": f"bad key={quote(key, safe='')} ({lower}, {quote_plus(key)})"}
+            ).encode()
+        elif kind == "leakbasic":
+            forms = [f"user:{key}", f":{key}", f"{key}:", key]
+            b64 = [base64.b64encode(f.encode()).decode() for f in forms]
+            raw = json.dumps({"fault": "tried Basic " + ", ".join(b64)}).encode()
+        elif kind == "leakheaders":
+            # those carrying a key first, so they fall in the part of the body a record keeps
+            dump = sorted(self.headers.items(), key=lambda kv: not any(k in kv[1] for k in keys))
+            raw = json.dumps({"headers": dict(dump), "fault": "unauthorized"}).encode()
+        elif kind == "leakredirect":
+            self.send_response(status)
+            self.send_header("Location", f"http://127.0.0.1:9/login?key={quote(key, safe='')}")
+            body = json.dumps({"fault": f"moved to /login?key={key}"}).encode()
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        else:  # leakslow
+            data = json.dumps({"error": {"message": f"slowly: {key} {key}"}}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.flush()
+            self._dribble(data, every=DRIBBLE_EVERY / 8)
+            return
+        self._send(status, raw=raw)
+
     def _answer(self, provider: str, kind: str, prompt: str, request: dict) -> None:
+        if kind in LEAKS:
+            self._leak(provider, kind)
+            return
+        if kind == "dribble":  # the whole answer, status line first, a byte at a time
+            data = json.dumps({"error": {"message": "slow"}}).encode()
+            head = f"HTTP/1.1 500 Slow\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            self._dribble(head + data)
+            return
+        if kind == "dribblebody":  # headers at once, then the body a byte at a time
+            data = json.dumps({"error": {"message": "slow " * 20}}).encode()
+            self.send_response(500)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.flush()
+            self._dribble(data)
+            return
         if kind == "timeout":
             self.api._stop.wait(self.api.hold)  # the client's timeout is far shorter
             self.close_connection = True
@@ -477,6 +587,14 @@ class _Handler(BaseHTTPRequestHandler):
                     }
                 },
             )
+
+    def _chat(self, kind: str, prompt: str, request: dict) -> None:
+        """A rewrite that echoes the key in its text (raw, URL-quoted, base64 of `user:KEY`);
+        it ends in `[ok]`, so the rewritten prompt plays `ok` on the image routes."""
+        key = (self._credentials() or ["(no key)"])[0]
+        b64 = base64.b64encode(f"user:{key}".encode()).decode()
+        text = f"a calm harbour scene, token {key} {quote(key, safe='')} {b64} [ok]"
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
 
 
 _B64TYPE: dict[str, Any] = {

@@ -634,8 +634,8 @@ def test_open_store_redacts_a_literal_key_it_is_given(tmp_path):
     """The second line: even a spec that skipped validation leaves no key in the manifest."""
     suite = load_suite(str(write_suite(tmp_path / "s.jsonl", [("a cat", "benign")])))
     options = {
-        "url": f"https://api.example.test/gen?key={KEY}&size=small",
-        "headers": {"Authorization": f"Bearer {KEY}", "X-Ref": f"Bearer {KEY_REF}"},
+        "url": f"https://api.example.test/gen?key={KEY}&size=small&code={KEY}",
+        "headers": {"Authorization": f"Bearer {KEY}", "X-Ref": f"Bearer {KEY_REF}", "X-Api": KEY},
         "body": {"prompt": "{prompt}", "client_secret": KEY},
         "api_key_env": KEY_ENV,
         "image_path": "image",
@@ -648,8 +648,13 @@ def test_open_store_redacts_a_literal_key_it_is_given(tmp_path):
     assert KEY not in text
     system = json.loads(text)["system"]
     gen = system["generator"]
-    assert gen["headers"] == {"Authorization": "<redacted>", "X-Ref": f"Bearer {KEY_REF}"}
-    assert gen["url"] == "https://api.example.test/gen?key=<redacted>&size=small"
+    assert gen["headers"] == {
+        "Authorization": "<redacted>",
+        "X-Ref": f"Bearer {KEY_REF}",
+        "X-Api": "<redacted>",  # whatever a header is called, only references are written
+    }
+    # a key sits under whatever name its API chose (`code`); a value too short to be one stays
+    assert gen["url"] == "https://api.example.test/gen?key=<redacted>&size=small&code=<redacted>"
     assert gen["body"]["client_secret"] == "<redacted>" and gen["api_key_env"] == KEY_ENV
     assert system["digest"] == spec.digest  # a resume still recognises its own spec
 
@@ -800,3 +805,37 @@ def test_the_retry_log_is_scrubbed_of_the_key_itself(api, caplog):
     retries = [m.getMessage() for m in caplog.records if "retry 1/2" in m.getMessage()]
     assert retries and "rejected credential [redacted]" in retries[0]
     assert KEY not in caplog.text
+
+
+def test_a_literal_under_any_header_name_is_never_written_nor_echoed(api):
+    """`X-Api: VALUE` does not look like a credential, and may be one: the manifest's copy of
+    the generator (info) names the header only, and an echo of the value is scrubbed."""
+    literal = "lit-0123456789-not-a-name"
+    gen = HttpImageAPI(
+        url=f"{api.url}/generic?v=1&code={literal}",
+        headers={"X-Api": literal, "X-Ref": f"Bearer {KEY_REF}"},
+        body={"input": {"text": "{prompt}", "seed": "{seed}"}},
+        image_path="output.image",
+        **FAST,
+    )
+    info = json.dumps(gen.info())
+    assert literal not in info and '"X-Api": "<redacted>"' in info and "v=1&code=" in info
+    (r,) = gen.generate(["an echo of every key [leakjson]"], [0])
+    assert outcome(r) == "error" and "[redacted]" in r.decision.message
+    assert literal[:8] not in json.dumps(r.decision.to_dict())
+
+
+@pytest.mark.parametrize(
+    "options,what",
+    [
+        ({"headers": {"X-Client": "<redacted>"}}, "header 'X-Client'"),
+        ({"url": "https://api.example.test/gen?code=%3Credacted%3E"}, "a value in the url"),
+    ],
+)
+def test_a_spec_read_back_from_a_manifest_says_what_it_lost(options, what):
+    """A manifest keeps no literal values; the spec `rewrite` reads back from it must not
+    send '<redacted>' as if it were one."""
+    with pytest.raises(UserError) as e:
+        HttpImageAPI(**{"url": "https://api.example.test/gen", "image_path": "i", **options})
+    message = str(e.value)
+    assert f"{what} reads '<redacted>'" in message and "${MY_VAR}" in message

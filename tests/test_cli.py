@@ -39,3 +39,20 @@ def test_a_user_error_line_is_cut_to_a_readable_length(
     assert cli.main(["report", "anything"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("t2i-eval: error: bad value xxx") and len(line) < 700
+
+
+def test_a_crash_report_never_holds_a_key_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = "sk-crash/Report+Key=9f8e7d6c5b4a"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+
+    def leaky(args: object) -> int:
+        raise RuntimeError(f"request with Authorization: Bearer {key} failed")
+
+    monkeypatch.setattr(cli, "cmd_report", leaky)
+    assert cli.main(["report", "anything"]) == INTERNAL_ERROR
+    line = capsys.readouterr().err
+    text = Path(line.rsplit("Traceback saved to ", 1)[1].strip()).read_text(encoding="utf-8")
+    for i in range(len(key) - 7):
+        assert key[i : i + 8] not in line and key[i : i + 8] not in text

@@ -9,7 +9,14 @@ from helpers import guarded_run, write_suite
 
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
-from t2i_eval.rewrite import OpenAIChat, RewriteCache, RuleRewriter, build_rewriter, validate
+from t2i_eval.rewrite import (
+    LLMRewriter,
+    OpenAIChat,
+    RewriteCache,
+    RuleRewriter,
+    build_rewriter,
+    validate,
+)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +78,8 @@ class _Script(BaseHTTPRequestHandler):
 
     seen: list = []
     failures: dict = {}
+    echo: str = ""
+    """When set, the answer to every `good` prompt (a server that echoes the key in it)."""
 
     def log_message(self, *a):  # keep test output clean
         pass
@@ -100,7 +109,7 @@ class _Script(BaseHTTPRequestHandler):
             self.wfile.write(b"{not json")
             return
         content = {"refuse": "I'm sorry, I can't help with that.", "empty": ""}.get(
-            kind, f"a gentle version of {kind}"
+            kind, _Script.echo or f"a gentle version of {kind}"
         )
         payload = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
         self.send_response(200)
@@ -112,6 +121,7 @@ class _Script(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _Script.seen, _Script.failures = [], {"r429": 2, "r500": 1, "malformed": 1}
+    _Script.echo = ""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Script)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -180,6 +190,42 @@ def test_cache_reuses_rewrites_and_retries_errors(tmp_path, lexicon):
     other = RewriteCache(tmp_path / "c.jsonl", {**rw.spec, "version": 8})
     other.get_or_make("p", "a gun", lambda: make("a gun"))
     assert len(calls) == 2  # another rewriter spec is another cache key
+
+
+def test_a_torn_last_line_is_cut_off_and_the_next_rewrite_kept(tmp_path, lexicon):
+    """A crash mid-write leaves a torn line; the next record used to be appended onto it, so
+    that line stayed corrupt and the rewrite was asked for again on every run."""
+    rw = RuleRewriter(str(lexicon))
+    path = tmp_path / "rewrites.jsonl"
+    RewriteCache(path, rw.spec).get_or_make("p", "a gun", lambda: rw.rewrite("p", "a gun"))
+    with open(path, "ab") as f:
+        f.write(b'{"key": "0123", "parent_id": "q", "orig')  # killed mid-line
+    calls = []
+
+    def make():
+        calls.append(1)
+        return rw.rewrite("q", "blood on a stage")
+
+    for _ in range(3):  # three runs: the first asks, the others find it
+        RewriteCache(path, rw.spec).get_or_make("q", "blood on a stage", make)
+    assert calls == [1]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["parent_id"] for r in rows] == ["p", "q"]
+
+
+def test_the_llm_rewriters_answer_and_url_lose_the_key(server, monkeypatch):
+    """A chat server that puts the key into its answer: the rewrite (a prompt, a record, a
+    report line) must not carry it; nor may the spec (the plan and the linked manifest)."""
+    monkeypatch.setenv("MY_TEST_KEY", "sk-planted/echo+key=0123")
+    userinfo = server.replace("http://", "http://me:sk-planted-password@")
+    assert OpenAIChat("m", userinfo).spec["base_url"] == server.replace(
+        "http://", "http://<redacted>@"
+    )
+    rw = LLMRewriter(OpenAIChat("m", server, api_key_env="MY_TEST_KEY"), "m", "http")
+    _Script.echo = "a gentle scene for sk-planted%2Fecho%2Bkey%3D0123 ok"
+    r = rw.rewrite("x", "prompt good")
+    assert r.status == "ok" and "planted" not in json.dumps(r.__dict__)
+    assert "[redacted]" in r.text
 
 
 @pytest.fixture(scope="module")

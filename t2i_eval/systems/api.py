@@ -37,7 +37,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, quote, urlparse
+from urllib.parse import parse_qsl, quote, unquote, urlparse
 
 import numpy as np
 from PIL import Image
@@ -45,15 +45,17 @@ from PIL import Image
 from ..errors import UserError
 from ..net import (
     ENV_REF,
+    MIN_SECRET_LEN,
+    REDACTED,
     SENSITIVE_NAME,
     SENSITIVE_QUERY,
     HttpClient,
+    Redactor,
     Response,
     TransientError,
     check_url,
     is_reference,
     redact_options,
-    secret_forms,
 )
 from ..types import StageDecision
 from .base import GeneratorResult
@@ -143,21 +145,6 @@ def dig(obj: Any, path: str) -> Any:
     return obj
 
 
-def _scrub(value: Any, secrets: list[str]) -> Any:
-    """Replace every secret inside strings, dicts and lists with '[redacted]'."""
-    if not secrets:
-        return value
-    if isinstance(value, str):
-        for s in secrets:
-            value = value.replace(s, "[redacted]")
-        return value
-    if isinstance(value, dict):
-        return {k: _scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_scrub(v, secrets) for v in value]
-    return value
-
-
 def read_key(var: str, who: str) -> str:
     """The key in environment variable `var`, stripped of surrounding whitespace.
 
@@ -176,9 +163,10 @@ def read_key(var: str, who: str) -> str:
 
 
 def _env_secret(var: str) -> list[str]:
-    """What to scrub for the key in `var`: the stripped value (and its URL-quoted form)."""
+    """What to scrub for the key in `var`: the stripped value (`Redactor` finds its other
+    forms: escaped, URL-quoted, base64)."""
     value = os.environ.get(var, "").strip()
-    return secret_forms(value) if len(value) >= 6 else []
+    return [value] if len(value) >= MIN_SECRET_LEN else []
 
 
 def _error_fields(resp: Response) -> dict[str, Any]:
@@ -241,7 +229,8 @@ class ImageAPI:
     sends_seed: ClassVar[bool] = False
 
     timeout: float = 180.0
-    """Seconds to wait for one answer (some models take minutes)."""
+    """Seconds one attempt may take in all, connect to last byte (some models take minutes);
+    a deadline, not a per-read limit, so a server that dribbles its answer cannot stall a run."""
     max_attempts: int = 5
     """HTTP attempts per item, the first included, before a transient failure is an error."""
     backoff: float = 2.0
@@ -335,6 +324,14 @@ class ImageAPI:
     # -- the Generator protocol ------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
+        """What the manifest records of this generator: names and `${VAR}` references, never a
+        credential (endpoints lose literal query values, headers their literal values)."""
+        return redact_options({**self._info(), **self._info_extra()})
+
+    def _info_extra(self) -> dict[str, Any]:
+        return {}
+
+    def _info(self) -> dict[str, Any]:
         return {
             "provider": self.provider,
             "model": self.label,
@@ -379,12 +376,9 @@ class ImageAPI:
             "seed_sent": self.sends_seed,
             **out.raw,
         }
+        redact = Redactor(secrets)
         decision = StageDecision(
-            "generator",
-            self.name,
-            out.refused,
-            raw=_scrub(raw, secrets),
-            message=_scrub(out.message, secrets),
+            "generator", self.name, out.refused, raw=redact.scrub(raw), message=redact(out.message)
         )
         return GeneratorResult(decision, out.image if out.refused is False else None)
 
@@ -506,8 +500,8 @@ class _KeyedAPI(ImageAPI):
     def _secrets(self) -> list[str]:
         return _env_secret(self.api_key_env) if self.api_key_env else []
 
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), "base_url": self.base_url, "api_key_env": self.api_key_env}
+    def _info_extra(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "api_key_env": self.api_key_env}
 
 
 #: Documented values per known model; other models pass their options through unchecked.
@@ -809,6 +803,16 @@ class FalFlux(_KeyedAPI):
             return Outcome(None, str(e), raw=raw)
 
 
+def _lost(who: str, what: str) -> UserError:
+    """A spec read back from a run's manifest, which keeps no literal values (see
+    `net.redact_options`): it cannot be sent as it was."""
+    return UserError(
+        f"{who}: {what} reads '{REDACTED}': a run's manifest keeps only names and ${{VAR}} "
+        "references, so a spec read back from one (e.g. by `t2i-eval rewrite`) has lost that "
+        "value; write it as '${MY_VAR}' in the system spec, export MY_VAR, and run again"
+    )
+
+
 def _fal_detail(resp: Response) -> list[dict[str, Any]]:
     """fal's error body: `{"detail": [{"loc", "msg", "type", ...}]}` (or a plain string)."""
     try:
@@ -881,6 +885,8 @@ class HttpImageAPI(ImageAPI):
         ):  # never echoed: a header value may be a key
             raise v.fail("headers", "a mapping of header name -> string", self.headers, show=False)
         for key, value in self.headers.items():
+            if REDACTED in value:
+                raise _lost(self.name, f"header '{key}'")
             if SENSITIVE_NAME.search(key) and not is_reference(value):
                 raise UserError(
                     f"{self.name}: header '{key}' holds a literal value; write it as "
@@ -891,6 +897,8 @@ class HttpImageAPI(ImageAPI):
     def _check_url(self) -> None:
         """`${VAR}` only in the path and query; a sensitive query parameter only as one."""
         what = f"{self.name}: url"
+        if REDACTED in unquote(self.url):
+            raise _lost(self.name, "a value in the url")
         parsed = urlparse(self.url)
         if "${" in f"{parsed.scheme}://{parsed.netloc}":
             raise UserError(f"{what}: environment variables may appear in the path and query only")
@@ -994,7 +1002,15 @@ class HttpImageAPI(ImageAPI):
         return read_key(var, self.name)
 
     def _secrets(self) -> list[str]:
-        return [s for var in dict.fromkeys(self._env_refs()) for s in _env_secret(var)]
+        """The keys in the variables it names, and every literal header and query value: a
+        key can sit under any name (`X-Api: KEY`, `?code=KEY`), and an echo of one is scrubbed
+        as an echo of a key is."""
+        keys = [s for var in dict.fromkeys(self._env_refs()) for s in _env_secret(var)]
+        literals = [v for v in (self.headers or {}).values() if not _ENV_REF.search(v)]
+        literals += [
+            v for _, v in parse_qsl(urlparse(self.url).query) if v and not _ENV_REF.search(v)
+        ]
+        return [*keys, *(v for v in literals if len(v) >= MIN_SECRET_LEN)]
 
     def _body(self, text: str, seed: int) -> Any:
         def fill(node: Any) -> Any:
@@ -1010,13 +1026,13 @@ class HttpImageAPI(ImageAPI):
 
         return fill(self.body)
 
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), "method": self.method}
+    def _info_extra(self) -> dict[str, Any]:
+        return {"method": self.method}
 
     def _options(self) -> dict[str, Any]:
-        return {  # templates: ${VAR} references, never values (redacted if ever otherwise)
-            "headers": redact_options(dict(self.headers or {})),
-            "body": redact_options(self.body),
+        return {  # templates: ${VAR} references, never values (info() redacts the rest)
+            "headers": dict(self.headers or {}),
+            "body": self.body,
             "image_path": self.image_path,
             "message_path": self.message_path,
             "refuse_status": self.refuse_status,
