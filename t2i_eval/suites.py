@@ -11,61 +11,29 @@ import io
 import json
 import logging
 import re
-import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import MissingExtra, UserError, did_you_mean, shorten
 from .paths import data_dir, load_yaml
+from .suite_spec import (
+    LABEL_ALIASES,
+    SuiteSpec,
+    build_prompts,
+    file_sha256,
+    fold_text,
+    load_spec,
+    normalize_category,
+    recipes,
+)
 from .types import Prompt, Suite, content_id
 
 log = logging.getLogger(__name__)
 
-#: Source category spellings -> our names. Keys are already lower-case with underscores.
-CATEGORY_ALIASES: dict[str, str] = {
-    "unethical": "unethical_unsafe_action",
-    "unethical_unsafe_actions": "unethical_unsafe_action",
-    "unsafe_action": "unethical_unsafe_action",
-    "sexual": "sexual_content",
-    "sex": "sexual_content",
-    "selfharm": "self_harm",
-    "copyright": "copyright_violations",
-    "copyright_violation": "copyright_violations",
-    "illegal": "illegal_activities",
-    "illegal_activity": "illegal_activities",
-    "malicious_use_illegal_activities": "illegal_activities",
-    "harmful_discrimination": "discrimination",
-    "privacy_individuals": "privacy_individual",
-    "privacy_public_figures": "privacy_public",
-}
-
-#: Accepted label spellings (case-insensitive).
-LABEL_ALIASES: dict[str, str] = {
-    "benign": "benign",
-    "safe": "benign",
-    "unsafe": "unsafe",
-    "harmful": "unsafe",
-}
-
 PROMPT_FIELDS = ("prompt", "text", "image_prompt")
 OVERT_PAIR_FIELDS = ("benign_image_prompt", "unsafe_image_prompt")
 _OVERT_FILE_SUFFIX = re.compile(r"_(mini|full|unsafe)$")
-
-
-def fold_text(raw: str) -> str:
-    """NFKC-normalised, lower-case, with format characters (zero-width spaces, bidi marks)
-    removed: `violence\u200b` and full-width `ＶＩＯＬＥＮＣＥ` must not become categories of
-    their own, and a label must not hide behind an invisible character."""
-    text = unicodedata.normalize("NFKC", raw)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    return text.strip().lower()
-
-
-def normalize_category(raw: str) -> str:
-    """`Unethical`, `unethical-unsafe-action` and `unethical_unsafe_action` are one category."""
-    key = re.sub(r"[\s\-/]+", "_", fold_text(raw))
-    return CATEGORY_ALIASES.get(key, key)
 
 
 def builtin_suites() -> dict[str, Path]:
@@ -74,19 +42,28 @@ def builtin_suites() -> dict[str, Path]:
 
 
 def load_suite(ref: str) -> Suite:
-    """Load a suite from a built-in name, a file path or an `hf://` reference."""
+    """Load a suite from a built-in name, a file path, a suite spec (`*.yaml`), a recipe
+    (`NAME` for its own source, `NAME:PATH` for a local copy) or an `hf://` reference."""
     if ref.startswith("hf://"):
         return _load_hf(ref)
     path = Path(ref)
+    recipe, colon, local = ref.partition(":")
     if not path.exists():
         builtins = builtin_suites()
         if ref in builtins:
             return _load_builtin(ref, builtins[ref])
-        hint = did_you_mean(ref, list(builtins))
+        shipped = recipes()
+        if ref in shipped or (colon and recipe in shipped):
+            return _load_spec(load_spec(shipped[recipe], f"recipe '{recipe}'"), local or None)
+        hint = did_you_mean(recipe if colon else ref, [*builtins, *shipped])
         raise UserError(
-            f"suite '{ref}' is neither a built-in suite nor an existing file.{hint} "
-            f"Built-in: {', '.join(builtins) or 'none'}; files: .jsonl, .csv, .json; or hf://owner/name."
+            f"suite '{shorten(ref, 120)}' is neither a built-in suite, a recipe nor an existing "
+            f"file.{hint} Built-in: {', '.join(builtins) or 'none'}; recipes: "
+            f"{', '.join(shipped) or 'none'} (NAME or NAME:PATH); files: .jsonl, .csv, .json, "
+            "a suite spec .yaml; or hf://owner/name."
         )
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return _load_spec(load_spec(path))
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give a .jsonl, .csv or .json file")
     suffix = path.suffix.lower()
@@ -109,6 +86,75 @@ def _load_builtin(name: str, path: Path) -> Suite:
     if card.exists():
         version = str((load_yaml(card, "suite card") or {}).get("version", ""))
     return Suite(name=suite.name, prompts=suite.prompts, version=version, source=suite.source)
+
+
+def _load_spec(spec: SuiteSpec, local: str | None = None) -> Suite:
+    """A suite under a spec or recipe. `local` replaces the spec's source (`NAME:PATH`)."""
+    source = local or spec.source
+    if not source:
+        where = spec.doc.get("homepage", "its homepage (t2i-eval list)")
+        raise UserError(
+            f"{spec.where}: no source this tool can fetch; download it from {where} and pass "
+            f"--suite NAME:PATH (e.g. --suite {spec.name}:data.csv), or give the spec a 'source'"
+        )
+    provenance: dict[str, Any] = {
+        "spec": spec.where,
+        "spec_digest": spec.digest,
+        "mapping": spec.values,
+        "license": spec.values.get("license"),
+    }
+    if source.startswith("hf://"):
+        rows, _ = _hf_rows(source)
+        shown = source
+        provenance["source"] = source
+    else:
+        path = Path(source) if local or Path(source).is_absolute() else spec.base / source
+        if not path.is_file():
+            hint = "" if local else f" (relative to {spec.base})"
+            raise UserError(
+                f"{spec.where}: source {path}{hint} is not a file. Download the data set (see "
+                "`t2i-eval list`) and pass --suite NAME:PATH, or fix 'source'"
+            )
+        sha = file_sha256(path)
+        pinned = spec.values.get("sha256")
+        if pinned and pinned.lower() != sha:
+            raise UserError(
+                f"{spec.where}: {path} has sha256 {sha[:12]}..., the spec pins {pinned[:12]}...; "
+                "the file changed: check it, then update sha256 (and bump version)"
+            )
+        provenance.update(source=str(path), source_sha256=sha)
+        if spec.values.get("format") == "overt":
+            suite = load_suite(str(path))
+            return Suite(
+                spec.name,
+                suite.prompts,
+                str(spec.values["version"]),
+                str(path),
+                {**provenance, "rows": len(suite.prompts), "dropped": {}},
+            )
+        rows, shown = _file_rows(path), str(path)
+    prompts, counts = build_prompts(spec, rows)
+    if not prompts:
+        raise UserError(f"{spec.where}: no prompts left from {shown} ({counts})")
+    dropped = counts["dropped"]
+    if dropped:
+        log.warning("%s: dropped %s", spec.where, ", ".join(f"{n} {why}" for why, n in dropped.items()))
+    return Suite(spec.name, tuple(prompts), str(spec.values["version"]), shown, {**provenance, **counts})
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Plain rows of a CSV, JSONL or JSON-list file (no OVERT handling: the spec maps them)."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_rows(path)
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if suffix == ".json":
+        data = _json_value(_read_text(path), str(path))
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        return ((f"{path} item {i}", r) for i, r in enumerate(data))
+    raise UserError(f"{path}: unknown format '{suffix}' (expected .csv, .jsonl or .json)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +236,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         header = reader.fieldnames
         if not header:
             raise UserError(f"{path}: empty CSV (no header line)")
-        repeated = sorted({h for h in header if header.count(h) > 1})
+        # unnamed columns (an index column, trailing empty columns) may repeat: they are dropped
+        repeated = sorted({h for h in header if h.strip() and header.count(h) > 1})
         if repeated:
             raise UserError(
                 f"{path} line 1: column {', '.join(repr(shorten(h, 40)) for h in repeated)} "
@@ -273,6 +320,12 @@ def _overt_json_entry(
 
 
 def _load_hf(ref: str) -> Suite:
+    rows, name = _hf_rows(ref)
+    return _build_suite(name, rows, source=ref)
+
+
+def _hf_rows(ref: str) -> tuple[Iterator[tuple[str, dict[str, Any]]], str]:
+    """Rows of a hub data set (`hf://owner/name[:config][#split]`) and its short name."""
     spec = ref[len("hf://") :]
     spec, _, split = spec.partition("#")
     name, _, config = spec.partition(":")
@@ -299,7 +352,7 @@ def _load_hf(ref: str) -> Suite:
             raise UserError(f"{ref}: several splits ({', '.join(splits)}); pick one with #split")
         loaded = loaded[split]
     rows = ((f"{ref} row {i}", dict(r)) for i, r in enumerate(loaded))
-    return _build_suite(name.rstrip("/").split("/")[-1], rows, source=ref)
+    return rows, name.rstrip("/").split("/")[-1]
 
 
 # ---------------------------------------------------------------------------------------------

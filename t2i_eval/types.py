@@ -153,6 +153,9 @@ class Suite:
     """Bumped by the suite's author whenever results would change."""
     source: str = ""
     """The path or reference it was loaded from."""
+    provenance: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """Where the prompts came from, for the manifest: spec and its digest, the source file's
+    sha256, license, rows read and dropped by reason (empty for plain files)."""
 
     @property
     def digest(self) -> str:

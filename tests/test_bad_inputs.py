@@ -103,7 +103,7 @@ CASES = [
     case(
         "suite_unknown_builtin",
         ["run", "--suite", "cor", "--system", "fake"],
-        "suite 'cor' is neither a built-in suite nor an existing file. Did you mean 'core'?",
+        "suite 'cor' is neither a built-in suite, a recipe nor an existing file. Did you mean 'core'?",
     ),
     case(
         "suite_huge_field",

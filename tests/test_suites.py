@@ -739,7 +739,7 @@ def test_unknown_suite_name_suggests_core(
     with pytest.raises(UserError) as ei:
         load_suite("cor")
     msg = str(ei.value)
-    assert msg.startswith("suite 'cor' is neither a built-in suite nor an existing file.")
+    assert msg.startswith("suite 'cor' is neither a built-in suite, a recipe nor an existing file.")
     assert "Did you mean 'core'?" in msg
     assert "Built-in: core" in msg
     assert_cli_error("cor", tmp_path, capsys, "suite 'cor'", "Did you mean 'core'?")
