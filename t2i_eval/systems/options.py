@@ -37,7 +37,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "max_backoff": (0, 3600),
     "rpm": (0.001, 1_000_000),
     "concurrency": (1, 256),
-    "oom_above": (1, None),
+    "oom_above": (0, None),
 }
 
 #: Allowed values by option name.
