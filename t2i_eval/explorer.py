@@ -21,8 +21,9 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import UserError
-from .report import RunData, load_run, weight_warnings
-from .stats import CATEGORIES, Table, fmt_clustered, outcome
+from .stats import Table, fmt_clustered, run_table
+from .store import RunData, read_run, weight_warnings
+from .types import CATEGORIES, Outcome
 
 #: Outcome filter choices, in the order the explorer lists them. "refused: STAGE" picks hard
 #: refusals at that stage; the rest are outcomes as `stats.outcome` names them.
@@ -139,24 +140,24 @@ class RunView:
         return self.data.manifest
 
     def table(self) -> Table:
-        return self.data.table()
+        return run_table(self.data)
 
 
 def _side(data: RunData, gen: Any, root: Path) -> Side:
     rid = gen.record_id
     blank, san, harm = (data.blank.get(rid), data.sanitization.get(rid), data.harm.get(rid))
-    out, cause = outcome(gen, blank, san)
+    out, cause = data.outcome(rid)
     side = Side(rid, out, cause)
     reasons = [f"{d.stage}:{d.name}: {d.message}" for d in gen.decisions if d.message]
     if gen.error:
         reasons.append(f"error: {gen.error}")
-    if out == "refused" and gen.refused_by:
+    if out is Outcome.REFUSED and gen.refused_by:
         side.decider = gen.refused_by
         for d in gen.decisions:
             if f"{d.stage}:{d.name}" == gen.refused_by:
                 side.score, side.threshold = d.score, d.threshold
-    elif out in ("blocked", "sanitized"):
-        v = blank if out == "blocked" else san
+    elif out in (Outcome.BLOCKED, Outcome.SANITIZED):
+        v = blank if out is Outcome.BLOCKED else san
         side.decider = f"judge:{v.judge}" if v else ""
         side.score, side.threshold = (v.score, v.threshold) if v else (None, None)
     for kind, v in (("blank", blank), ("sanitization", san), ("harm", harm)):
@@ -174,7 +175,7 @@ def load_view(runs_dir: str | Path, name: str) -> RunView:
     path = (root / name).resolve()
     if not path.is_relative_to(root) or path == root:
         raise UserError(f"{name}: not a run under {root}")
-    data = load_run(path)
+    data = read_run(path)
     by_id = {p.id: p for p in data.prompts}
 
     def root_of(pid: str) -> str:
@@ -266,9 +267,7 @@ def _matches(side: Side | None, wanted: str) -> bool:
 
 
 def _refused(side: Side | None) -> bool | None:
-    if side is None or side.outcome in ("error", "unjudged"):
-        return None
-    return side.outcome != "complied"
+    return None if side is None else Outcome(side.outcome).is_refusal(soft=True)
 
 
 def filter_rows(

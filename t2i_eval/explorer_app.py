@@ -49,7 +49,7 @@ from .explorer import (
     run_facts,
     summary_rows,
 )
-from .stats import CATEGORIES
+from .types import category_order
 
 NONE = "(none)"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -155,8 +155,7 @@ class Explorer:
         va, vb, _ = self.pair(a, b)
         views = [v for v in (va, vb) if v is not None]
         table = [row for v in views for row in summary_rows(v)]
-        cats = {c for v in views for c in v.table().categories}
-        ordered = [c for c in CATEGORIES if c in cats] + sorted(cats - set(CATEGORIES))
+        ordered = category_order(c for v in views for c in v.table().categories)
         return "".join(run_facts(v) for v in views), table, summary_chart(views), ["all", *ordered]
 
 
@@ -168,8 +167,7 @@ def summary_chart(views: list[RunView]) -> Any:
     except ImportError:
         return None
     tables = [(v.name, v.table()) for v in views]
-    cats = [c for c in CATEGORIES if any(c in t.categories for _, t in tables)]
-    cats += sorted({c for _, t in tables for c in t.categories} - set(CATEGORIES))
+    cats = category_order(c for _, t in tables for c in t.categories)
     fig = Figure(figsize=(12, 3.6))
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / max(len(tables), 1)
@@ -216,7 +214,7 @@ class LiveRunner:
 
     def run(self, prompt: str, system: str, seed: float | None) -> str:
         from .systems import build_system, parse_system
-        from .systems.base import WorkItem
+        from .systems.chain import WorkItem
         from .types import content_id
 
         prompt = (prompt or "").strip()

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .outputs import csv_bytes, md_cell, md_code
 from .stats import (
-    CATEGORIES,
-    CAUSES,
     Cell,
     ClusteredRate,
     PairCell,
@@ -28,12 +25,19 @@ from .stats import (
     guard_metrics,
     json_num,
     pair_table,
-    tabulate,
+    run_table,
     wilson,
 )
-from .store import RunStore, atomic_write_bytes, atomic_write_json
+from .store import (
+    RunData,
+    RunStore,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_run,
+    weight_warnings,
+)
 from .triggers import predictor_section, triggers_section
-from .types import LABELS, Generation, Prompt, Verdict
+from .types import CATEGORIES, CAUSES, LABELS, Verdict
 
 CAUSE_SHORT = {
     "prompt_guard": "prompt",
@@ -88,72 +92,6 @@ def _stage_counts(cell: Cell) -> str:
         f"{CAUSE_SHORT.get(c, c)} {v}" for c, v in cell.by_cause.items() if v and c not in HARD
     ]
     return "; ".join(parts) or "-"
-
-
-def weight_warnings(manifest: dict[str, Any]) -> list[str]:
-    """One line per component whose numbers do not describe a real model.
-
-    Plain text (names in quotes, no markup): it goes to summary.json and HTML as it is and
-    through `md_cell` into Markdown."""
-    out = []
-    for c in manifest.get("components", []):
-        if c.get("weights") == "random":
-            out.append(f"{c['stage']} '{c['name']}' has RANDOM weights")
-        elif c.get("weights") == "fake":
-            out.append(f"{c['stage']} '{c['name']}' is a FAKE (no model)")
-    for key, j in manifest.get("judges", {}).items():
-        if j.get("weights") == "random":
-            out.append(f"judge '{key}' uses a RANDOM-weight CLIP")
-    return out
-
-
-@dataclass
-class RunData:
-    """Everything a report reads from one run directory, read once."""
-
-    manifest: dict[str, Any]
-    prompts: list[Prompt]
-    gens: dict[str, Generation]
-    blank: dict[str, Verdict]
-    sanitization: dict[str, Verdict]
-    harm: dict[str, Verdict]
-    judge_keys: dict[str, str | None]
-    """kind -> the verdict file the report used (the judge of that kind run most recently)."""
-    manifest_dir: Path = Path(".")
-    """The run directory these were read from."""
-
-    def table(self) -> Table:
-        return tabulate(self.prompts, self.gens, self.blank, self.sanitization, self.harm)
-
-
-def pick_judges(manifest: dict[str, Any], present: list[str]) -> dict[str, str | None]:
-    """Per judge kind, the verdict file of the judge of that kind run most recently."""
-    runs = manifest.get("judges", {})
-    out: dict[str, str | None] = {}
-    for kind in ("blank", "sanitization", "harm"):
-        keys = [k for k, v in runs.items() if v.get("kind") == kind and k in present]
-        out[kind] = max(keys, key=lambda k: runs[k].get("at", "")) if keys else None
-    return out
-
-
-def load_run(run_dir: str | Path) -> RunData:
-    store = RunStore(run_dir)
-    manifest = store.read_manifest()
-    keys = pick_judges(manifest, store.verdict_keys())
-
-    def read(kind: str) -> dict[str, Verdict]:
-        return store.read_verdicts(keys[kind]) if keys[kind] else {}
-
-    return RunData(
-        manifest,
-        store.read_prompts(),
-        store.read_generations(),
-        read("blank"),
-        read("sanitization"),
-        read("harm"),
-        keys,
-        store.root,
-    )
 
 
 def _num3(x: float | None, ci: list[float | None] | None = None) -> str:
@@ -544,14 +482,14 @@ def _pair_dict(p: PairCell) -> dict[str, Any]:
 
 def write_report(run_dir: str | Path) -> str:
     """Write report/{report.md, summary.json, per_category.csv}; return the markdown."""
-    store = RunStore(run_dir)
-    data = load_run(run_dir)
-    table, manifest = data.table(), data.manifest
+    data = read_run(run_dir)
+    store = data.store
+    table, manifest = run_table(data), data.manifest
     metrics = guard_metrics(data.prompts, data.gens)
-    pairs = pair_table(data.prompts, data.gens, data.blank, data.sanitization)
-    loo = store.root / "triggers" / "loo.json"
+    pairs = pair_table(data.prompts, data.gens, data.outcomes)
+    loo = store.triggers_dir / "loo.json"
     triggers = json.loads(loo.read_text()) if loo.exists() else None
-    pred = store.root / "triggers" / "predictor.json"
+    pred = store.triggers_dir / "predictor.json"
     predictor = json.loads(pred.read_text()) if pred.exists() else None
     text = (
         markdown(table, manifest, store.root)
@@ -561,10 +499,9 @@ def write_report(run_dir: str | Path) -> str:
         + predictor_section(predictor)
         + judges_section(store, data)
     )
-    out = store.report_dir
-    atomic_write_bytes(out / "report.md", text.encode("utf-8"))
+    atomic_write_bytes(store.report_file("report.md"), text.encode("utf-8"))
     atomic_write_json(
-        out / "summary.json",
+        store.report_file("summary.json"),
         {
             **summary(table, manifest),
             "judges_used": data.judge_keys,
@@ -574,9 +511,9 @@ def write_report(run_dir: str | Path) -> str:
     )
     rows = tidy_rows(table, manifest["system"]["name"])
     atomic_write_bytes(
-        out / "per_category.csv", csv_bytes(list(rows[0]) if rows else ["system"], rows)
+        store.report_file("per_category.csv"), csv_bytes(list(rows[0]) if rows else ["system"], rows)
     )
     prompt_rows = per_prompt_rows(table)
     fields = list(prompt_rows[0]) if prompt_rows else ["prompt_id"]
-    atomic_write_bytes(out / "per_prompt.csv", csv_bytes(fields, prompt_rows))
+    atomic_write_bytes(store.report_file("per_prompt.csv"), csv_bytes(fields, prompt_rows))
     return text

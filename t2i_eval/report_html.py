@@ -25,17 +25,16 @@ from urllib.parse import quote
 
 from .errors import UserError
 from .outputs import check_output_dir, file_stem, mpl_text, replacing_dir
-from .report import RunData, load_run, weight_warnings
 from .stats import (
-    CATEGORIES,
     Cell,
     Table,
     fmt_clustered,
     mcnemar_clustered,
     mcnemar_exact,
-    outcome,
+    run_table,
 )
-from .store import RunStore, atomic_write_bytes
+from .store import RunData, RunStore, atomic_write_bytes, read_run, weight_warnings
+from .types import CATEGORIES, Outcome, category_order
 
 OUTCOMES = ("complied", "prompt_guard", "generator", "image_guard", "blank", "sanitization")
 COLOURS = {
@@ -95,10 +94,10 @@ def _outcome_counts(data: RunData, label: str) -> dict[str, dict[str, int]]:
         p = by_id.get(g.prompt_id)
         if p is None or p.label != label:
             continue
-        o, cause = outcome(g, data.blank.get(g.record_id), data.sanitization.get(g.record_id))
-        if o in ("error", "unjudged"):
+        o, cause = data.outcome(g.record_id)
+        if not o.counted:
             continue
-        key = "complied" if o == "complied" else (cause or "prompt_guard")
+        key = "complied" if o is Outcome.COMPLIED else (cause or "prompt_guard")
         out.setdefault(p.category, dict.fromkeys(OUTCOMES, 0))[key] += 1
     return out
 
@@ -108,7 +107,7 @@ def stacked_bars(data: RunData, path: Path, name: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, label in zip(axes, ("benign", "unsafe"), strict=True):
         counts = _outcome_counts(data, label)
-        cats = [c for c in CATEGORIES if c in counts] + sorted(set(counts) - set(CATEGORIES))
+        cats = category_order(counts)
         left = [0.0] * len(cats)
         for o in OUTCOMES:
             share = [counts[c][o] / max(sum(counts[c].values()), 1) for c in cats]
@@ -164,8 +163,7 @@ def _paired(a: RunData, b: RunData) -> dict[str, Any]:
     seeds of one prompt are not independent evidence."""
 
     def refused(d: RunData, rid: str) -> bool | None:
-        o, _ = outcome(d.gens[rid], d.blank.get(rid), d.sanitization.get(rid))
-        return None if o in ("error", "unjudged") else o != "complied"
+        return d.outcome(rid)[0].is_refusal(soft=True)
 
     label = {p.id: p.label for p in a.prompts}
     out = {}
@@ -247,14 +245,11 @@ def _gallery(
         p = by_id.get(g.prompt_id)
         if p is None or p.label != "benign" or not g.image_path:
             continue
-        o, cause = outcome(g, data.blank.get(g.record_id), data.sanitization.get(g.record_id))
-        if (
-            o in ("refused", "blocked", "sanitized")
-            and len(picks.get(p.category, [])) < per_category
-        ):
+        o, cause = data.outcome(g.record_id)
+        if o.is_refusal(soft=True) and len(picks.get(p.category, [])) < per_category:
             picks.setdefault(p.category, []).append((g, f"{o} ({cause})"))
     html_parts = []
-    for cat in [c for c in CATEGORIES if c in picks] + sorted(set(picks) - set(CATEGORIES)):
+    for cat in category_order(picks):
         cells = []
         for g, why in picks[cat]:
             rel = f"images/run-{run}/{file_stem(g.record_id)}.png"
@@ -290,7 +285,7 @@ def check_html_out(out: str | Path) -> None:
 def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     if not run_dirs:
         raise UserError("report --html needs at least one RUN_DIR")
-    runs = [(Path(d), load_run(d)) for d in run_dirs]
+    runs = [(Path(d), read_run(d)) for d in run_dirs]
     if out is None:
         if len(runs) == 1:
             out = runs[0][0] / "report" / "html"
@@ -307,7 +302,7 @@ def _write_page(runs: list[tuple[Path, RunData]], out: Path) -> None:
     """index.html with its figures/ and images/ in `out` (a fresh folder)."""
     (out / "figures").mkdir()
     names = [f"{d.name}" for d, _ in runs]
-    tables = [(n, data.table()) for n, (_, data) in zip(names, runs, strict=True)]
+    tables = [(n, run_table(data)) for n, (_, data) in zip(names, runs, strict=True)]
     seeded = [n for n, t in tables if t.seeds_per_prompt > 1]
     note = (
         f" Runs with several seeds per prompt ({', '.join(seeded)}): k and n count records "

@@ -1,12 +1,18 @@
-"""Owns every path in a run directory; append-only records, atomic file writes.
+"""Owns every path in a run directory; append-only records, atomic file writes; reads runs.
 
-Layout (STYLE.md section 6):
+Layout (STYLE.md section 6; README "Run directory" lists the same):
     manifest.json                    command, versions, suite digest, system spec, status, counts
     prompts.jsonl                    the exact prompts used
     generations/rank-<r>.jsonl       one Generation per line, append-only, one file per process
     images/<record_id>.png           every generated image (also the ones an image guard refused)
-    verdicts/<judge>@<version>.jsonl one Verdict per line
-    report/                          report.md, summary.json, per_category.csv
+    verdicts/<judge>@<version>.jsonl one Verdict per line (+ <judge>@<version>.spec: its digest)
+    report/                          report.md, summary.json, per_category.csv, per_prompt.csv,
+                                     html/ (report --html)
+    sweep/                           curve.csv, <guard>.png, proposed_thresholds.json
+    triggers/                        loo.json, loo.csv, predictor.json
+    .lock, .lock-rank<r>             one process per run directory and rank
+A rewrite experiment writes a linked folder beside the run (`rewrite_dir`). Every path comes
+from here; `read_run` reads a run once for every reader (report, explorer, triggers, rewrite).
 No torch here: reports and the explorer read runs anywhere.
 """
 
@@ -18,11 +24,13 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from .errors import UserError
-from .types import Generation, Prompt, Verdict
+from .types import OUTCOME_ROLES, Generation, Outcome, Prompt, Verdict, outcomes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,22 +178,22 @@ def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
     the field, before any command trusts it."""
     from .errors import shorten
 
-    def bad(field: str, value: Any, types: tuple[type, ...]) -> UserError:
+    def bad(name: str, value: Any, types: tuple[type, ...]) -> UserError:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         return UserError(
-            f"{path}: field '{field}' should be {names}, found {shorten(value, 40)}; "
+            f"{path}: field '{name}' should be {names}, found {shorten(value, 40)}; "
             "the manifest is damaged (restore it or start a new run directory)"
         )
 
-    for field, types in _MANIFEST_TYPES.items():
-        value = manifest.get(field)
-        if field in manifest and (not isinstance(value, types) or isinstance(value, bool)):
-            raise bad(field, value, types)
+    for key, types in _MANIFEST_TYPES.items():
+        value = manifest.get(key)
+        if key in manifest and (not isinstance(value, types) or isinstance(value, bool)):
+            raise bad(key, value, types)
     for section, fields in _MANIFEST_SECTIONS.items():
         part = manifest[section]
-        for field, types in fields.items():
-            if field in part and not isinstance(part[field], types):
-                raise bad(f"{section}.{field}", part[field], types)
+        for key, types in fields.items():
+            if key in part and not isinstance(part[key], types):
+                raise bad(f"{section}.{key}", part[key], types)
 
 
 def process_start(pid: int) -> str | None:
@@ -231,6 +239,43 @@ def interrupted(manifest: dict[str, Any]) -> bool:
     return not _pid_alive(pid, manifest.get("pid_start"))
 
 
+class RunManifest(TypedDict, total=False):
+    """manifest.json, as written by the runner and the judge pass (readers check the types of
+    the fields they use: `_check_manifest_fields`). Fields added by later versions are kept."""
+
+    store_version: int
+    status: str
+    """running | complete | failed | interrupted."""
+    error: str | None
+    pid: int | None
+    host: str | None
+    pid_start: str | None
+    argv: list[str]
+    created_at: str
+    updated_at: str
+    versions: dict[str, str]
+    git_commit: str | None
+    suite: dict[str, Any]
+    """name, version, source, digest, n_prompts, provenance (suite specs and recipes)."""
+    system: dict[str, Any]
+    """The system spec, redacted (header names and ${VAR} references only), and its digest."""
+    history: list[dict[str, Any]]
+    components: list[dict[str, Any]]
+    """Per stage: name, weights (pretrained | random | fake | rules), info."""
+    judges: dict[str, dict[str, Any]]
+    """judge key -> kind, role, spec digest, weights, time of the last pass."""
+    counts: dict[str, int]
+    planned: int
+    seeds: int
+    limit: int | None
+    per_category: int | None
+    batch_size: int
+    world_size: int
+    batch_backoffs: list[dict[str, Any]]
+    parent_run: str
+    rewriter: dict[str, Any]
+
+
 class RunStore:
     """One run directory."""
 
@@ -248,7 +293,35 @@ class RunStore:
 
     @property
     def report_dir(self) -> Path:
+        """report.md, summary.json, per_category.csv, per_prompt.csv."""
         return self.root / "report"
+
+    def report_file(self, name: str) -> Path:
+        """One of the report's files (`report.md`, `summary.json`, ...)."""
+        return self.report_dir / name
+
+    @property
+    def html_dir(self) -> Path:
+        """Where `report --html` writes by default."""
+        return self.report_dir / "html"
+
+    @property
+    def sweep_dir(self) -> Path:
+        """Threshold sweeps: curve.csv, one PNG per guard, proposed_thresholds.json."""
+        return self.root / "sweep"
+
+    @property
+    def triggers_dir(self) -> Path:
+        """Trigger words (loo.json, loo.csv) and the refusal predictor (predictor.json)."""
+        return self.root / "triggers"
+
+    def lock_path(self, rank: int = 0) -> Path:
+        """The lock that keeps one process per run directory and rank."""
+        return self.root / (".lock" if rank == 0 else f".lock-rank{rank}")
+
+    def rewrite_dir(self, slug: str) -> Path:
+        """The folder a rewrite experiment links to this run: beside it, named after it."""
+        return self.root.parent / f"{self.root.name}__rw-{slug}"
 
     def generations_path(self, rank: int = 0) -> Path:
         return self.root / "generations" / f"rank-{rank}.jsonl"
@@ -407,3 +480,112 @@ class RunStore:
     def verdict_keys(self) -> list[str]:
         folder = self.root / "verdicts"
         return sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run: one read path for every reader.
+
+
+def weight_warnings(manifest: RunManifest | dict[str, Any]) -> list[str]:
+    """One line per component whose numbers do not describe a real model.
+
+    Plain text (names in quotes, no markup): it goes to summary.json and HTML as it is and
+    through `md_cell` into Markdown."""
+    out = []
+    for c in manifest.get("components", []):
+        if c.get("weights") == "random":
+            out.append(f"{c['stage']} '{c['name']}' has RANDOM weights")
+        elif c.get("weights") == "fake":
+            out.append(f"{c['stage']} '{c['name']}' is a FAKE (no model)")
+    for key, j in manifest.get("judges", {}).items():
+        if j.get("weights") == "random":
+            out.append(f"judge '{key}' uses a RANDOM-weight CLIP")
+    return out
+
+
+def judge_role(entry: dict[str, Any]) -> str:
+    """The role of a judge recorded in the manifest (`types.OUTCOME_ROLES` or `none`).
+
+    Manifests written before judges declared roles name only the kind; the built-in kinds
+    that change outcomes are named after their roles."""
+    role = entry.get("role")
+    if isinstance(role, str):
+        return role
+    kind = entry.get("kind")
+    return kind if kind in OUTCOME_ROLES else "none"
+
+
+def pick_judges(
+    manifest: RunManifest | dict[str, Any], present: list[str]
+) -> dict[str, str | None]:
+    """Per outcome role, the verdict file of the judge with that role run most recently."""
+    runs = manifest.get("judges", {})
+    out: dict[str, str | None] = {}
+    for role in OUTCOME_ROLES:
+        keys = [k for k, v in runs.items() if judge_role(v) == role and k in present]
+        out[role] = max(keys, key=lambda k: runs[k].get("at", "")) if keys else None
+    return out
+
+
+@dataclass
+class RunData:
+    """Everything a reader needs from one run directory, read once (`read_run`)."""
+
+    manifest: RunManifest
+    prompts: list[Prompt]
+    gens: dict[str, Generation]
+    verdicts: dict[str, dict[str, Verdict]]
+    """Outcome role (blank, sanitization, harm) -> record_id -> the verdict used."""
+    judge_keys: dict[str, str | None]
+    """Role -> the verdict file used (the judge of that role run most recently)."""
+    root: Path = Path(".")
+    """The run directory these were read from."""
+    _outcomes: dict[str, tuple[Outcome, str | None]] | None = field(default=None, repr=False)
+
+    @property
+    def blank(self) -> dict[str, Verdict]:
+        return self.verdicts.get("blank", {})
+
+    @property
+    def sanitization(self) -> dict[str, Verdict]:
+        return self.verdicts.get("sanitization", {})
+
+    @property
+    def harm(self) -> dict[str, Verdict]:
+        return self.verdicts.get("harm", {})
+
+    @property
+    def outcomes(self) -> dict[str, tuple[Outcome, str | None]]:
+        """record_id -> (outcome, cause), computed once (`types.outcome` is the rule)."""
+        if self._outcomes is None:
+            self._outcomes = outcomes(self.gens, self.blank, self.sanitization)
+        return self._outcomes
+
+    def outcome(self, record_id: str) -> tuple[Outcome, str | None]:
+        return self.outcomes[record_id]
+
+    @cached_property
+    def prompts_by_id(self) -> dict[str, Prompt]:
+        return {p.id: p for p in self.prompts}
+
+    @property
+    def store(self) -> RunStore:
+        return RunStore(self.root)
+
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Read a run directory once: manifest, prompts, records and the verdicts that decide
+    outcomes. Every reader of runs (reports, the explorer, triggers, the rewrite experiment)
+    goes through here, so a damaged file is refused the same way everywhere."""
+    store = RunStore(run_dir)
+    manifest = store.read_manifest()
+    keys = pick_judges(manifest, store.verdict_keys())
+    verdicts = {role: store.read_verdicts(key) for role, key in keys.items() if key}
+    return RunData(
+        manifest,  # type: ignore[arg-type]
+        store.read_prompts(),
+        store.read_generations(),
+        verdicts,
+        keys,
+        store.root,
+    )

@@ -167,8 +167,8 @@ def refusal_predictor(run_dir: str | Path, folds: int = 5, top: int = 5) -> dict
     """
     import numpy as np
 
-    from .report import load_run
-    from .stats import auroc, outcome
+    from .stats import auroc
+    from .store import read_run
 
     try:
         from sklearn.feature_extraction.text import CountVectorizer
@@ -178,17 +178,13 @@ def refusal_predictor(run_dir: str | Path, folds: int = 5, top: int = 5) -> dict
         from .errors import MissingExtra
 
         raise MissingExtra("the refusal predictor", "scikit-learn", "guards") from None
-    data = load_run(run_dir)
+    data = read_run(run_dir)
     refused: dict[str, bool] = {}
     for g in data.gens.values():
-        out, _ = outcome(g, data.blank.get(g.record_id), data.sanitization.get(g.record_id))
-        if out in ("error", "unjudged"):
+        out = data.outcome(g.record_id)[0].is_refusal(soft=True)
+        if out is None:
             continue
-        refused[g.prompt_id] = refused.get(g.prompt_id, False) or out in (
-            "refused",
-            "blocked",
-            "sanitized",
-        )
+        refused[g.prompt_id] = refused.get(g.prompt_id, False) or out
     prompts = [p for p in data.prompts if p.id in refused]
     y = np.asarray([refused[p.id] for p in prompts], dtype=int)
     k = min(folds, int(y.sum()), int(len(y) - y.sum()))

@@ -20,7 +20,7 @@ from t2i_eval.stats import (
     tabulate,
     wilson,
 )
-from t2i_eval.types import Generation, Prompt
+from t2i_eval.types import Generation, Prompt, outcomes
 
 
 def _table(patterns: dict[str, list[list[bool | None]]]):
@@ -36,7 +36,7 @@ def _table(patterns: dict[str, list[list[bool | None]]]):
                 status = "error" if refused is None else "refused" if refused else "ok"
                 by = "prompt_guard:g" if refused else None
                 gens[rid] = Generation(rid, pid, s, status, by)
-    return tabulate(prompts, gens, {})
+    return tabulate(prompts, gens, outcomes(gens, {}))
 
 
 def _width(ci):
@@ -159,7 +159,7 @@ def test_pairs_handled_correctly_cluster_by_pair():
             gens[f"{pair}u{s}"] = Generation(
                 f"{pair}u{s}", f"{pair}u", s, "refused", "prompt_guard:g"
             )
-    cell = pair_table(prompts, gens, {})["violence"]
+    cell = pair_table(prompts, gens, outcomes(gens, {}))["violence"]
     assert (cell.n, cell.correct) == (6, 3)
     assert cell.correct_rate.ci == pytest.approx(wilson(1, 2), abs=1e-12)  # two pairs, not six
 

@@ -9,11 +9,10 @@ from t2i_eval.stats import (
     macro,
     mcnemar_clustered,
     mcnemar_exact,
-    outcome,
     tabulate,
     wilson,
 )
-from t2i_eval.types import Generation, Prompt, StageDecision, Verdict
+from t2i_eval.types import Generation, Prompt, StageDecision, Verdict, outcome, outcomes
 
 
 @pytest.mark.parametrize(
@@ -83,7 +82,7 @@ def test_tabulate_counts_errors_apart_and_causes():
         "5": _gen("5", "c", "ok"),
     }
     blank = {"2": Verdict("2", "blank@1", True), "5": Verdict("5", "blank@1", False)}
-    t = tabulate(prompts, gens, blank)
+    t = tabulate(prompts, gens, outcomes(gens, blank))
     vb = t.cell("violence", "benign")
     assert (vb.n, vb.refused, vb.errors) == (2, 2, 1)
     assert vb.by_cause["prompt_guard"] == 1 and vb.by_cause["blank"] == 1
@@ -215,7 +214,7 @@ def test_pair_table_matches_by_pair_and_seed():
         "6": Generation("6", "u", 2, "error"),
     }
     blank = {r: Verdict(r, "blank@1", False) for r in ("1", "5")}
-    cell = pair_table(prompts, gens, blank)["violence"]
+    cell = pair_table(prompts, gens, outcomes(gens, blank))["violence"]
     assert (cell.n, cell.correct, cell.benign_refused, cell.unsafe_accepted) == (2, 1, 1, 0)
 
 
@@ -256,11 +255,11 @@ def test_safe_response_needs_a_harm_verdict_for_every_accepted_record():
         "1": _gen("1", "u1", "refused", "prompt_guard:g"),
         "2": Generation("2", "u2", 0, "ok", image_path=None),
     }
-    cell = tabulate(prompts, gens, {}).cell("violence", "unsafe")
+    cell = tabulate(prompts, gens, outcomes(gens, {})).cell("violence", "unsafe")
     assert (cell.safe_k, cell.safe_n, cell.safe_unknown) == (1, 1, 1)  # reported as n/a
     gens["2"] = _gen("2", "u2", "ok")
     harm = {"2": Verdict("2", "harm@1", True)}
-    cell = tabulate(prompts, gens, {"2": Verdict("2", "blank@2", False)}, None, harm).cell(
+    cell = tabulate(prompts, gens, outcomes(gens, {"2": Verdict("2", "blank@2", False)}), harm).cell(
         "violence", "unsafe"
     )
     assert (cell.safe_k, cell.safe_n, cell.safe_unknown) == (1, 2, 0)
