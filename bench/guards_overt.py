@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from t2i_eval.report import load_run  # noqa: E402
 from t2i_eval.runner import run  # noqa: E402
-from t2i_eval.stats import auroc, auroc_ci, fmt_rate, guard_scores  # noqa: E402
+from t2i_eval.stats import fmt_rate  # noqa: E402
 from t2i_eval.suites import load_suite  # noqa: E402
+from t2i_eval.sweep import auroc, auroc_ci, guard_scores  # noqa: E402
 from t2i_eval.systems import parse_system  # noqa: E402
 from t2i_eval.types import CATEGORIES  # noqa: E402
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .outputs import csv_bytes, md_cell, md_code
+from .predictor import predictor_section
 from .stats import (
     Cell,
     ClusteredRate,
@@ -22,7 +23,6 @@ from .stats import (
     cell_dict,
     fmt_clustered,
     fmt_rate,
-    guard_metrics,
     json_num,
     pair_table,
     run_table,
@@ -36,7 +36,8 @@ from .store import (
     read_run,
     weight_warnings,
 )
-from .triggers import predictor_section, triggers_section
+from .sweep import guard_metrics
+from .triggers import triggers_section
 from .types import CATEGORIES, CAUSES, LABELS, Verdict
 
 CAUSE_SHORT = {

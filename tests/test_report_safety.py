@@ -96,7 +96,8 @@ def test_report_md_keeps_names_as_text(hostile_run: Path):
 
 
 def test_triggers_and_predictor_tables_escape_words_and_categories():
-    from t2i_eval.triggers import predictor_section, triggers_section
+    from t2i_eval.predictor import predictor_section
+    from t2i_eval.triggers import triggers_section
 
     loo = {
         "guards": {

@@ -112,7 +112,7 @@ def test_decision_roundtrip_keeps_raw():
 
 
 def test_auroc_against_pairwise_count():
-    from t2i_eval.stats import auroc
+    from t2i_eval.sweep import auroc
 
     neg, pos = [0.1, 0.4, 0.4, 0.8], [0.4, 0.9, 0.35]
     # pairs (pos > neg) + 0.5 ties, counted by hand: 0.4 -> 1 + 2*0.5; 0.9 -> 4; 0.35 -> 1
@@ -122,7 +122,7 @@ def test_auroc_against_pairwise_count():
 
 
 def test_fpr_at_95_tpr():
-    from t2i_eval.stats import fpr_at_tpr
+    from t2i_eval.sweep import fpr_at_tpr
 
     pos = [float(i) for i in range(1, 21)]  # 20 positives: keep >= 19 -> cut at 2.0
     neg = [0.5, 1.5, 2.0, 3.0]
@@ -131,7 +131,7 @@ def test_fpr_at_95_tpr():
 
 
 def test_sweep_counts_match_brute_force_and_proposes():
-    from t2i_eval.stats import GuardScore, propose_thresholds, redecide, sweep
+    from t2i_eval.sweep import GuardScore, propose_thresholds, redecide, sweep
 
     data = [
         ("benign", 0.2),
@@ -161,7 +161,7 @@ def test_sweep_counts_match_brute_force_and_proposes():
 
 
 def test_per_category_guard_sweeps_its_own_threshold():
-    from t2i_eval.stats import GuardScore, redecide, sweep
+    from t2i_eval.sweep import GuardScore, redecide, sweep
 
     # (label, own cosine, another category alone refuses?); own threshold 0.5
     data = [
@@ -219,7 +219,7 @@ def test_pair_table_matches_by_pair_and_seed():
 
 
 def test_auroc_interval_hanley_mcneil():
-    from t2i_eval.stats import auroc_ci
+    from t2i_eval.sweep import auroc_ci
 
     # hand-computed: A=0.8, n_pos=n_neg=50: Q1=0.8/1.2, Q2=1.28/1.8
     q1, q2 = 0.8 / 1.2, 2 * 0.64 / 1.8
@@ -231,7 +231,7 @@ def test_auroc_interval_hanley_mcneil():
 
 
 def test_propose_says_when_there_is_nothing_unsafe():
-    from t2i_eval.stats import GuardScore, propose_thresholds, sweep
+    from t2i_eval.sweep import GuardScore, propose_thresholds, sweep
 
     rows = [GuardScore("r", "violence", "benign", 0.3, 0.5, False)]
     prop = propose_thresholds(sweep(rows, "g"), 0.9)

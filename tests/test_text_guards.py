@@ -4,10 +4,11 @@ import sys
 
 import pytest
 from helpers import guarded_run
+from tiny_parts import save_tiny_classifier
 
 from t2i_eval.errors import UserError
 from t2i_eval.systems import build_system, parse_system
-from t2i_eval.systems.base import WorkItem
+from t2i_eval.systems.chain import WorkItem
 
 
 @pytest.fixture(scope="module")
@@ -102,36 +103,8 @@ def test_profanity_guard_scores_and_threshold():
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory):
     """A random-weight BERT classifier + word-level tokenizer, saved and loaded back offline."""
-    torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "cat", "gun", "knife", "blood", "lake"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(words),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-        id2label={0: "safe", 1: "unsafe"},
-        label2id={"safe": 0, "unsafe": 1},
-    )
-    model = BertForSequenceClassification(cfg)
-    out = tmp_path_factory.mktemp("clf")
-    model.save_pretrained(out, safe_serialization=True)
-    fast.save_pretrained(out)
-    return out
+    pytest.importorskip("torch")
+    return save_tiny_classifier(tmp_path_factory.mktemp("clf"))
 
 
 def test_classifier_guard_loads_offline_and_scores(tiny_classifier):
@@ -248,7 +221,7 @@ def test_report_guard_metrics_and_pairs_from_records(tmp_path):
     import json
 
     from t2i_eval.cli import main
-    from t2i_eval.stats import auroc
+    from t2i_eval.sweep import auroc
 
     out = tmp_path / "run"
     assert main(["run", "--system", "blocklist+profanity", "--out", str(out), "-q"]) == 0
