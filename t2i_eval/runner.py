@@ -30,7 +30,7 @@ from .errors import UserError
 from .net import redact_options
 from .store import RunStore, writer_info
 from .systems import SystemSpec, build_system, validate_spec
-from .systems.base import BatchTooLarge, ItemResult, WorkItem
+from .systems.chain import BatchTooLarge, ItemResult, WorkItem
 from .types import Generation, Prompt, Suite
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,34 @@ def _exclusive(store: RunStore, rank: int = 0) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run covers its suite and runs its system: what `t2i-eval run`'s flags set."""
+
+    seeds: int = 1
+    """Seeds per prompt (0 .. seeds-1)."""
+    limit: int | None = None
+    """The first N prompts (after per_category)."""
+    per_category: int | None = None
+    """The first N prompts of each (category, label)."""
+    batch_size: int = 8
+    """Items per generation batch (halved on out-of-memory)."""
+    progress: bool = True
+    judges: tuple[str, ...] = ("blank",)
+    """Judges run on rank 0 after generation."""
+    compile_unet: bool = False
+    """torch.compile a diffusers generator's denoiser (speed only: results unchanged)."""
+
+    def check(self) -> None:
+        """One-line errors for values no run can use, before anything is written."""
+        for flag, value in (("--seeds", self.seeds), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise UserError(f"{flag} must be >= 1 (got {value})")
+        for flag, opt in (("--limit", self.limit), ("--per-category", self.per_category)):
+            if opt is not None and opt < 1:
+                raise UserError(f"{flag} must be >= 1 (got {opt})")
+
+
 def run(
     suite: Suite,
     spec: SystemSpec,
@@ -310,15 +338,11 @@ def run(
 
     Under torchrun / `accelerate launch` each rank generates its share into its own record
     file; rank 0 then judges and writes the manifest. `compile_unet` asks a diffusers
-    generator to torch.compile its denoiser (a speed option: results and run id unchanged)."""
-    if seeds < 1:
-        raise UserError(f"--seeds must be >= 1 (got {seeds})")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1 (got {limit})")
-    if per_category is not None and per_category < 1:
-        raise UserError(f"--per-category must be >= 1 (got {per_category})")
+    generator to torch.compile its denoiser (a speed option: results and run id unchanged).
+    Keyword arguments are `RunOptions`' fields, plus `out` (the run directory; derived from
+    suite and system when None) and `argv` (recorded in the manifest)."""
+    opts = RunOptions(seeds, limit, per_category, batch_size, progress, tuple(judges), compile_unet)
+    opts.check()
     _check_size(suite, seeds, limit, per_category)
     validate_spec(spec)
     store = RunStore(out or default_run_dir(suite, spec))
@@ -332,20 +356,7 @@ def run(
             if (m["suite"].get("digest"), m["system"].get("digest")) != (suite.digest, spec.digest):
                 raise UserError(f"{store.root}: rank {share.rank} sees another suite or system")
             finished = _finished(store)
-        return _run_locked(
-            store,
-            suite,
-            spec,
-            seeds,
-            limit,
-            batch_size,
-            progress,
-            judges,
-            share,
-            compile_unet,
-            finished,
-            per_category,
-        )
+        return _run_locked(store, suite, spec, opts, share, finished)
 
 
 #: The most (prompt, seed) items one run plans. Work items are planned up front (resume needs
@@ -367,19 +378,13 @@ def _run_locked(
     store: RunStore,
     suite: Suite,
     spec: SystemSpec,
-    seeds: int,
-    limit: int | None,
-    batch_size: int,
-    progress: bool,
-    judges: tuple[str, ...],
+    opts: RunOptions,
     share: Ranks | None = None,
-    compile_unet: bool = False,
     finished: set[str] | None = None,
-    per_category: int | None = None,
 ) -> RunResult:
     share = share or Ranks()
     rank = share.rank
-    items = plan(suite, seeds, limit, per_category)
+    items = plan(suite, opts.seeds, opts.limit, opts.per_category)
     finished = _finished(store) if finished is None else finished
     pending = [it for it in items if it.record_id not in finished]  # all ranks' work
     todo = [it for it in pending if share.owns(it.record_id)]  # this rank's share
@@ -387,7 +392,7 @@ def _run_locked(
     try:
         if todo:
             system = build_system(spec)
-            if compile_unet and hasattr(system.generator, "compile"):
+            if opts.compile_unet and hasattr(system.generator, "compile"):
                 system.generator.compile()
             if rank == 0:
                 store.update_manifest(
@@ -405,9 +410,9 @@ def _run_locked(
                 store,
                 system,
                 todo,
-                batch_size,
+                opts.batch_size,
                 rank,
-                progress and rank == 0,
+                opts.progress and rank == 0,
                 f"run {spec.name}",
                 backoffs,
             )
@@ -416,8 +421,8 @@ def _run_locked(
             return RunResult(store.root, len(items), 0, len(todo), {}, 0, rank)
         from .judges import judge_run
 
-        for ref in judges:
-            judge_run(store.root, ref, progress=progress)
+        for ref in opts.judges:
+            judge_run(store.root, ref, progress=opts.progress)
     except BaseException as e:
         if rank == 0:
             if isinstance(e, KeyboardInterrupt):
@@ -440,10 +445,10 @@ def _run_locked(
         else f"{missing} item(s) ended in infrastructure errors; rerun the same command to retry them",
         counts=counts,
         planned=len(items),
-        seeds=seeds,
-        limit=limit,
-        per_category=per_category,
-        batch_size=batch_size,
+        seeds=opts.seeds,
+        limit=opts.limit,
+        per_category=opts.per_category,
+        batch_size=opts.batch_size,
         world_size=share.world,
         batch_backoffs=[*manifest.get("batch_backoffs", []), *backoffs],
         updated_at=_now(),

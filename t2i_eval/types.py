@@ -176,12 +176,18 @@ def checked_fields(cls: type, d: Any) -> dict[str, Any]:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
     for name, value in d.items():
         if not _type_ok(value, hints[name]):
-            from .errors import shorten
-
             raise ValueError(
-                f"field '{name}' should be {_describe(hints[name])}, found {shorten(value, 40)}"
+                f"field '{name}' should be {_describe(hints[name])}, found {_found(value)}"
             )
     return dict(d)
+
+
+def _found(value: Any) -> str:
+    """A wrong value for a message, cut short (types stays a leaf: no errors.shorten here)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return "a very long integer"
+    text = " ".join(str(value).split())
+    return text if len(text) <= 40 else f"{text[:39]}…"
 
 
 def _describe(hint: Any) -> str:
