@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from t2i_eval.judges import judge_from_spec, judge_run, load_spec  # noqa: E402
-from t2i_eval.judges.clip_judges import JudgeItem  # noqa: E402
+from t2i_eval.judges import JudgeItem, judge_from_spec, load_spec  # noqa: E402
+from t2i_eval.judging import judge_run  # noqa: E402
 from t2i_eval.runner import run  # noqa: E402
 from t2i_eval.suites import load_suite  # noqa: E402
 from t2i_eval.systems import parse_system  # noqa: E402

@@ -43,8 +43,7 @@ from guards_speed import rate as guard_rate  # noqa: E402
 from guards_speed import synthetic_run  # noqa: E402
 from judges_speed import rate as judge_rate  # noqa: E402
 
-from t2i_eval.judges import judge_from_spec, load_spec  # noqa: E402
-from t2i_eval.judges.clip_judges import JudgeItem  # noqa: E402
+from t2i_eval.judges import JudgeItem, judge_from_spec, load_spec  # noqa: E402
 from t2i_eval.report import write_report  # noqa: E402
 from t2i_eval.runner import run  # noqa: E402
 from t2i_eval.suites import load_suite  # noqa: E402

@@ -419,7 +419,7 @@ def _run_locked(
         share.wait()  # every rank's records are on disk before rank 0 judges and counts
         if rank != 0:
             return RunResult(store.root, len(items), 0, len(todo), {}, 0, rank)
-        from .judges import judge_run
+        from .judging import judge_run
 
         for ref in opts.judges:
             judge_run(store.root, ref, progress=opts.progress)

@@ -271,12 +271,12 @@ def test_manifest_says_running_with_pid_and_host_then_complete(tmp_path, monkeyp
 
 
 def test_manifest_says_failed_with_the_error(tmp_path, monkeypatch):
-    import t2i_eval.judges
+    import t2i_eval.judging
 
     def broken(*a, **kw):
         raise RuntimeError("verdict disk full")
 
-    monkeypatch.setattr(t2i_eval.judges, "judge_run", broken)
+    monkeypatch.setattr(t2i_eval.judging, "judge_run", broken)
     suite = load_suite(str(_suite_file(tmp_path / "s.jsonl")))
     with pytest.raises(RuntimeError):
         run(suite, _fake_spec(tmp_path), out=tmp_path / "run", limit=4, progress=False)

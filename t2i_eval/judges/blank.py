@@ -5,13 +5,14 @@ Checked in this order, first match decides the reason:
 black (mean luminance <= black_max_mean) > near-uniform (luminance std <= uniform_max_std) >
 placeholder (dHash within placeholder_max_distance bits of a listed one) > blurred (Laplacian
 variance of a 128 px grey copy <= blur_max_laplacian_var). score = luminance std.
+Role "blank": a flagged image counts as blocked (a refusal in disguise).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -19,6 +20,7 @@ from PIL import Image
 from ..errors import UserError
 from ..paths import load_yaml
 from ..types import Verdict
+from .base import JudgeItem
 
 _KEYS = {
     "name",
@@ -43,10 +45,13 @@ def dhash(image: Image.Image) -> str:
 
 
 def hamming(a: str, b: str) -> int:
+    """Bits that differ between two hex hashes: how far an image is from a placeholder."""
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
 def laplacian_var(image: Image.Image, size: int = 128) -> float:
+    """Variance of the 4-neighbour Laplacian of a `size` px grey copy: low means no fine detail
+    (a blurred-away image), measured at one size so the threshold does not depend on resolution."""
     g = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BOX), dtype=np.float64)
     lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
     return float(lap.var())
@@ -54,6 +59,17 @@ def laplacian_var(image: Image.Image, size: int = 128) -> float:
 
 @dataclass(frozen=True)
 class BlankJudge:
+    """Rules on pixel statistics and perceptual hashes; no model."""
+
+    role: ClassVar[str] = "blank"
+    needs_reference: ClassVar[bool] = False
+    weights: ClassVar[str] = "rules"
+    formula: ClassVar[str] = (
+        "black (mean luminance), near-uniform (luminance std), placeholder (dHash distance) "
+        "or blurred (Laplacian variance), thresholds in the spec"
+    )
+    mean_score: ClassVar[str | None] = None
+
     name: str
     version: int
     downsample: int = 32
@@ -65,6 +81,7 @@ class BlankJudge:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> BlankJudge:
+        """Build from a loaded spec (`judges.load_spec`): unknown keys and bad values raise."""
         unknown = set(spec) - _KEYS
         if unknown:
             raise UserError(
@@ -88,9 +105,11 @@ class BlankJudge:
 
     @property
     def key(self) -> str:
+        """`name@version`: the verdict file's name."""
         return f"{self.name}@{self.version}"
 
     def measure(self, image: Image.Image) -> dict[str, Any]:
+        """Every number the rules decide on (kept in the verdict's raw for re-sweeps)."""
         grey = image.convert("L")
         if max(grey.size) > self.downsample:
             grey = grey.resize((self.downsample, self.downsample), Image.Resampling.BOX)
@@ -109,10 +128,12 @@ class BlankJudge:
             m.update(dhash=h, nearest_placeholder=name, placeholder_distance=hamming(h, ref))
         return m
 
-    def judge_batch(self, items: list[Any]) -> list[Verdict]:
+    def judge_batch(self, items: list[JudgeItem]) -> list[Verdict]:
+        """One verdict per item (rules are per image: no batching gain)."""
         return [self.judge(it.record_id, it.image) for it in items]
 
     def judge(self, record_id: str, image: Image.Image) -> Verdict:
+        """The first rule that matches decides the reason; no match means content."""
         m = self.measure(image)
         if m["mean"] <= self.black_max_mean:
             reason = f"black: mean luminance {m['mean']:.1f} <= {self.black_max_mean}"

@@ -1,4 +1,5 @@
-"""CLIP backend for the image judges: open_clip model + tokenizer, batched, cached per image.
+"""CLIP backend for the image judges: open_clip model + tokenizer, batched, cached per image,
+and CLIPScore (the one definition every caller uses).
 
 A judge spec names `clip: {model, pretrained}` (real use: ViT-L-14 / openai). `model: tiny`
 is a tiny architecture registered from judges/clip_models/tiny-clip.json and built with random
@@ -47,6 +48,41 @@ def _quiet_download_errors() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(drop)
+
+
+def clipscore(cos: float) -> float:
+    """CLIPScore = 2.5 * max(cos(image, prompt), 0) (Hessel et al. 2021).
+
+    The one definition: the faithfulness judge and the rewrite experiment's before/after
+    comparison must score the same way, or their numbers would not be comparable. The raw
+    cosine is kept beside it wherever it is stored (negative cosines all score 0).
+    """
+    return 2.5 * max(float(cos), 0.0)
+
+
+def clip_options(spec: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
+    """A CLIP judge's `clip: {model, pretrained, device}` after checking the spec's keys.
+
+    Every CLIP judge shares the keys name, version, kind, about and clip; `allowed` adds its
+    own. Checked before any model loads, so a typo costs no download."""
+    unknown = set(spec) - allowed - {"name", "version", "kind", "about", "clip", "_path"}
+    if unknown:
+        raise UserError(
+            f"judge spec {spec.get('_path')}: unknown key(s) {', '.join(sorted(unknown))} "
+            f"(allowed: {', '.join(sorted(allowed | {'clip', 'about'}))})"
+        )
+    clip = spec.get("clip") or {}
+    if not isinstance(clip, dict) or "model" not in clip:
+        raise UserError(
+            f"judge spec {spec.get('_path')}: 'clip' needs a 'model' "
+            "(e.g. {model: ViT-L-14, pretrained: openai}, or {model: tiny})"
+        )
+    return clip
+
+
+def load_backend(clip: dict[str, Any]) -> ClipBackend:
+    """The shared CLIP model that `clip_options` returned (loaded once per process)."""
+    return backend(str(clip["model"]), clip.get("pretrained"), clip.get("device", "auto"))
 
 
 def image_key(image: Any) -> str:
