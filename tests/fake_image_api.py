@@ -1,6 +1,6 @@
 """A local stand-in for the image APIs (127.0.0.1 only) that plays scripted answers.
 
-Routes, shaped like the real APIs (see t2i_eval/systems/api.py for the sources):
+Routes, shaped like the real APIs (see t2i_eval/systems/api/ for the sources):
     POST /v1/images/generations          OpenAI Images
     POST /v1beta/models/MODEL:predict    Imagen through the Gemini API
     POST /fal-ai/flux-pro/v1.1           fal FLUX1.1 [pro] (synchronous endpoint)

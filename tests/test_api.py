@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import sys
 import threading
+import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fake_image_api import (
@@ -34,10 +38,18 @@ from t2i_eval.systems import (
     SystemSpec,
     build_system,
     parse_system,
+    resolve,
     validate_spec,
 )
-from t2i_eval.systems.api import FalFlux, HttpImageAPI, Imagen, OpenAIImages
-from t2i_eval.systems.base import System, WorkItem
+from t2i_eval.systems.api import (
+    FalFlux,
+    HttpImageAPI,
+    Imagen,
+    KeyedAPI,
+    OpenAIImages,
+    api_providers,
+)
+from t2i_eval.systems.chain import System, WorkItem
 
 KEY = "sk-PLANTED-never-on-disk-0123456789"
 KEY_ENV = "T2I_TEST_IMAGE_KEY"
@@ -486,17 +498,46 @@ def test_generic_missing_image_rule_and_no_key_at_all(api):
 def test_generators_are_registered_and_build_from_a_spec(monkeypatch):
     for var in ("OPENAI_API_KEY", "GEMINI_API_KEY", "FAL_KEY"):
         monkeypatch.setenv(var, KEY)
-    assert {GENERATORS[k] for k in ("openai-images", "imagen", "fal", "http")} == {
-        "t2i_eval.systems.api:OpenAIImages",
-        "t2i_eval.systems.api:Imagen",
-        "t2i_eval.systems.api:FalFlux",
-        "t2i_eval.systems.api:HttpImageAPI",
+    assert {k: resolve("generator", k) for k in ("openai-images", "imagen", "fal", "http")} == {
+        "openai-images": OpenAIImages,
+        "imagen": Imagen,
+        "fal": FalFlux,
+        "http": HttpImageAPI,
     }
     for name in ("openai-images", "imagen", "fal"):
         system = build_system(parse_system(f"{name}"))  # real defaults; nothing is sent
         assert system.generator.name == name and system.generator.weights == "api"
         info = system.generator.info()
         assert info["endpoint"].startswith("https://") and KEY not in json.dumps(info)
+
+
+def test_a_provider_is_listed_by_registering_it(monkeypatch, capsys):
+    """Adding a provider is its file plus one GENERATORS line: `t2i-eval list` finds it there."""
+    assert api_providers() == {
+        "openai-images": "model dall-e-3; key $OPENAI_API_KEY",
+        "imagen": "model imagen-3.0-generate-002; key $GEMINI_API_KEY",
+        "fal": "model fal-ai/flux-pro/v1.1; key $FAL_KEY",
+        "http": "your url, headers (${VAR} for secrets), body template, image_path: see README",
+    }
+
+    @dataclasses.dataclass(kw_only=True, eq=False)
+    class Acme(KeyedAPI):
+        """Acme Images."""
+
+        name: ClassVar[str] = "acme"
+        model: str = "acme-1"
+        base_url: str = "https://acme.example/v1"
+        api_key_env: str | None = "ACME_KEY"
+
+    module = types.ModuleType("t2i_test_acme_provider")
+    module.Acme = Acme
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(GENERATORS, "acme", f"{module.__name__}:Acme")
+    assert api_providers()["acme"] == "model acme-1; key $ACME_KEY"
+    assert "fake" not in api_providers() and "tiny" not in api_providers()
+    assert main(["list"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.split()[:1] == ["acme"])
+    assert "model acme-1; key $ACME_KEY" in line
 
 
 def _system_yaml(path: Path, base: str) -> Path:

@@ -2,8 +2,8 @@ import pytest
 
 from t2i_eval.errors import UserError
 from t2i_eval.systems import build_system, parse_system, validate_spec
-from t2i_eval.systems.base import System, WorkItem
 from t2i_eval.systems.blocklist import BlocklistGuard, normalize
+from t2i_eval.systems.chain import System, WorkItem
 from t2i_eval.systems.fake import FakeGenerator
 from t2i_eval.types import StageDecision
 

@@ -1,11 +1,11 @@
 """Torch-backed components on the tiny random-weight pipeline (offline, one thread)."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_parts import checker_copy
 
 from t2i_eval.cli import main
 from t2i_eval.systems.safety_checker import decide
@@ -68,24 +68,11 @@ def test_decide_matches_diffusers_rule_on_numbers():
     assert decide([0.30], [0.31], [0.0], [0.2])["bad_concepts"] == []
 
 
-def _checker_copy(tiny_dir, tmp_path, weight):
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-    dest = tmp_path / f"checker_{weight}"
-    checker = StableDiffusionSafetyChecker.from_pretrained(tiny_dir / "safety_checker")
-    with torch.no_grad():
-        checker.concept_embeds_weights.fill_(weight)
-        checker.special_care_embeds_weights.fill_(weight)
-    checker.save_pretrained(dest / "safety_checker")
-    shutil.copytree(tiny_dir / "feature_extractor", dest / "feature_extractor")
-    return dest
-
-
 @pytest.mark.parametrize("weight,flag", [(-1.0, True), (100.0, False)])
 def test_safety_checker_known_answers_and_agrees_with_diffusers(tiny_dir, tmp_path, weight, flag):
     from t2i_eval.systems.safety_checker import SafetyCheckerGuard
 
-    guard = SafetyCheckerGuard(model=str(_checker_copy(tiny_dir, tmp_path, weight)), device="cpu")
+    guard = SafetyCheckerGuard(model=str(checker_copy(tiny_dir, tmp_path, weight)), device="cpu")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
     decisions = guard.check(images)

@@ -1,63 +1,72 @@
-"""Systems under test: component dicts (name -> "module:Class", imported lazily) and assembly."""
+"""Systems under test: prompt guards -> generator -> image guards, assembled from a spec.
+
+The component dicts live in `registry.py` (name -> "module:Class", imported lazily), the spec
+grammar in `spec.py`, the documented presets in `presets.py`, the runtime that runs a batch
+through the stages in `chain.py`. This module checks a spec and builds a `System` from it.
+
+How to add a component (one new file + one line in `registry.py`; nothing else names it):
+
+- A prompt guard: `systems/<name>.py` with a class whose constructor keywords are its spec
+  options (type-hinted: `options.check_values` checks them before any run directory exists).
+  Class attributes `name` (the registered name; stage decisions and `refused_by` carry it) and
+  `weights` ("pretrained", "random", "rules", "fake", ...: reports label random weights).
+  `info() -> dict` (what the manifest records: model, thresholds, version, the rule).
+  `check(texts) -> list[StageDecision]`, one per text, stage "prompt_guard": `refused`
+  True/False, `score` and `threshold` (refuse when score > threshold) and `raw` holding every
+  number a later threshold sweep needs. If a guard has a threshold, give it a pure `decide`
+  function over those stored numbers (as `safety_checker.decide`). Register:
+  `PROMPT_GUARDS["<name>"] = "t2i_eval.systems.<name>:<Class>"`.
+- A generator: the same `name`, `weights`, `info()`, plus `generate(texts, seeds) ->
+  list[GeneratorResult]`: `GeneratorResult(StageDecision("generator", name, False, raw=...),
+  image)` for an image, or a decision with `refused=True` and the model's own message (no
+  image) for a policy refusal. `produces_images = False` marks a generator that stops after
+  the prompt stage (`guards-only`). A classmethod `check_options(**options)`, if present, runs
+  when the spec is validated (cheap, sends nothing). Register in `GENERATORS`.
+- An image guard: as a prompt guard, but `check(images) -> list[StageDecision]` on PIL images,
+  stage "image_guard"; a refused image is delivered black, as diffusers' built-in checker does.
+  Register in `IMAGE_GUARDS`.
+- An image API provider: `systems/api/<provider>.py` with a `@dataclass(kw_only=True,
+  eq=False)` subclass of `api.base.KeyedAPI` (a hosted API whose key sits in an environment
+  variable) or `ImageAPI`: ClassVars `name` and `provider`, option fields with docstrings,
+  `_validate(v)`, the `endpoint` property, `_body(text, seed)` and `_parse(resp) -> Outcome`
+  (refused True with the provider's words, False with the image, None for an answer that
+  cannot be used such as a configuration error; raise `TransientError` for a malformed body,
+  which is retried). Register in `GENERATORS`; `t2i-eval list` finds it (`api.api_providers`).
+
+Refusal versus error, for every kind (`chain._apply`): a refusal is a result, a decision with
+`refused=True`. "Could not check" is never a refusal: return a decision with `refused=None`
+and a message (the item becomes an error, excluded from rates and retried on resume), or raise
+(the batch is retried item by item; out-of-memory halves the batch). Every decision keeps its
+raw scores, refused or not. `tests/test_contracts_systems.py` runs each of these rules over
+every entry of the three dicts and fails for an entry it has no offline build for.
+"""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
-from ..errors import UserError, did_you_mean
-from .base import System
+from ..errors import UserError
+from .chain import System
 from .options import check_values
-from .spec import PRESETS, ComponentSpec, SystemSpec, parse_system
-
-PROMPT_GUARDS: dict[str, str] = {
-    "blocklist": "t2i_eval.systems.blocklist:BlocklistGuard",
-    "profanity": "t2i_eval.systems.text_guards:ProfanityGuard",
-    "concept": "t2i_eval.systems.text_guards:ConceptGuard",
-    "classifier": "t2i_eval.systems.text_guards:ClassifierGuard",
-}
-GENERATORS: dict[str, str] = {
-    "fake": "t2i_eval.systems.fake:FakeGenerator",
-    "guards-only": "t2i_eval.systems.base:GuardsOnly",
-    "diffusers": "t2i_eval.systems.diffusers:DiffusersGenerator",
-    "tiny": "t2i_eval.systems.tiny:TinyGenerator",
-    "openai-images": "t2i_eval.systems.api:OpenAIImages",
-    "imagen": "t2i_eval.systems.api:Imagen",
-    "fal": "t2i_eval.systems.api:FalFlux",
-    "http": "t2i_eval.systems.api:HttpImageAPI",
-}
-IMAGE_GUARDS: dict[str, str] = {
-    "safety_checker": "t2i_eval.systems.safety_checker:SafetyCheckerGuard",
-}
-
-KINDS: dict[str, dict[str, str]] = {
-    "prompt guard": PROMPT_GUARDS,
-    "generator": GENERATORS,
-    "image guard": IMAGE_GUARDS,
-}
+from .presets import PRESETS
+from .registry import GENERATORS, IMAGE_GUARDS, KINDS, PROMPT_GUARDS, resolve
+from .spec import ComponentSpec, SystemSpec, parse_system
 
 __all__ = [
     "GENERATORS",
     "IMAGE_GUARDS",
+    "KINDS",
     "PRESETS",
     "PROMPT_GUARDS",
     "ComponentSpec",
     "System",
     "SystemSpec",
     "build_system",
+    "checked_class",
     "parse_system",
     "resolve",
+    "validate_spec",
 ]
-
-
-def resolve(kind: str, name: str) -> type:
-    """Import the class registered under `name` in the dict for `kind`."""
-    table = KINDS[kind]
-    if name not in table:
-        hint = did_you_mean(name, list(table))
-        raise UserError(f"Unknown {kind} '{name}'.{hint} Available: {', '.join(table)}")
-    module, _, attr = table[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def checked_class(kind: str, spec: ComponentSpec) -> type:

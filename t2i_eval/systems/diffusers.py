@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import MissingExtra, UserError
 from ..types import StageDecision
-from .base import GeneratorResult
+from .chain import GeneratorResult
 from .torch_utils import import_torch, resolve_device, resolve_dtype
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..types import StageDecision
-from .base import GeneratorResult
+from .chain import GeneratorResult
 
 BLAND_PROMPT = "a plain grey wall"
 
