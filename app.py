@@ -1,6 +1,6 @@
 """Spaces-style entry for the explorer: `python app.py [RUNS_DIR]` (default: outputs/).
 
-A thin shell: everything lives in `t2i_eval.explorer_app`. It binds to 127.0.0.1 unless
+A thin shell: everything lives in `t2i_eval.explorer.app`. It binds to 127.0.0.1 unless
 GRADIO_SERVER_NAME says otherwise (as Hugging Face Spaces does), serves no file by path (run
 images only, looked up by run and record), and imports no torch unless the live tab runs a prompt.
 """
@@ -11,7 +11,7 @@ import os
 import sys
 
 from t2i_eval.errors import UserError
-from t2i_eval.explorer_app import launch
+from t2i_eval.explorer.app import launch
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from t2i_eval.explorer_app import Explorer  # noqa: E402
+from t2i_eval.explorer.app import Explorer  # noqa: E402
 from t2i_eval.store import RunStore  # noqa: E402
 from t2i_eval.types import (  # noqa: E402
     CATEGORIES,

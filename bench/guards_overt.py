@@ -28,9 +28,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from t2i_eval.report import load_run  # noqa: E402
 from t2i_eval.runner import run  # noqa: E402
 from t2i_eval.stats import fmt_rate  # noqa: E402
+from t2i_eval.store import read_run  # noqa: E402
 from t2i_eval.suites import load_suite  # noqa: E402
 from t2i_eval.sweep import auroc, auroc_ci, guard_scores  # noqa: E402
 from t2i_eval.systems import parse_system  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> int:
             progress=True,
         )
         seconds[key] = time.perf_counter() - start
-        data[key] = load_run(res.run_dir)
+        data[key] = read_run(res.run_dir)
     scores = {k: guard_scores(d.prompts, d.gens) for k, d in data.items()}
 
     def by_cat(rows, label):

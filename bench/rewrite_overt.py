@@ -25,7 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from t2i_eval.mitigation import run_rewrite  # noqa: E402
+from t2i_eval.report import write_rewrite_report  # noqa: E402
+from t2i_eval.rewrite.experiment import run_rewrite  # noqa: E402
 from t2i_eval.runner import run  # noqa: E402
 from t2i_eval.suites import load_suite  # noqa: E402
 from t2i_eval.systems import parse_system  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> int:
         result = run_rewrite(
             run_dir, "rule", all_prompts=all_prompts, out=out / f"{key}__rw-rule", progress=True
         )
-        linked, table = result.linked, result.text
+        linked, table = result.linked, write_rewrite_report(result)
         seconds = time.perf_counter() - start
         cmd = (
             f"t2i-eval run --suite ../shared/data/overt/{path.name} --system guards "

@@ -45,9 +45,10 @@ def _threads(n: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .judges import judge_run, load_spec
+    from .judging import run_with_reference
     from .report import write_report
     from .runner import run
+    from .store import RunStore
     from .suites import load_suite
     from .systems import parse_system
 
@@ -58,10 +59,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     spec = parse_system(args.system)
     ref_spec = parse_system(args.reference) if args.reference else None
-    judges = list(args.judge or [])
-    kinds = [load_spec(j, clip=args.clip)["kind"] for j in judges]  # bad names fail before work
-    if ref_spec is not None and "sanitization" not in kinds:
-        judges.insert(0, "sanitization")
     common = dict(
         compile_unet=args.compile,
         seeds=args.seeds,
@@ -71,27 +68,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv=["t2i-eval", *sys.argv[1:]],
         progress=not args.quiet,
     )
-    ref_result = None
-    if ref_spec is not None:
-        ref_result = run(suite, ref_spec, out=args.reference_out, **common)
-        print(f"reference run: {ref_result.run_dir}", file=sys.stderr)
-    result = run(suite, spec, out=args.out, **common)
+    result, ref_result = run_with_reference(
+        lambda system, out: run(suite, system, out=out, **common),
+        spec,
+        ref_spec,
+        out=args.out,
+        reference_out=args.reference_out,
+        judges=args.judge or [],
+        clip=args.clip,
+        progress=not args.quiet,
+    )
     if result.rank != 0:
         return 0  # rank 0 judges and reports for the whole multi-process run
-    for ref in judges:
-        judge_run(
-            result.run_dir,
-            ref,
-            reference=ref_result.run_dir if ref_result else None,
-            clip=args.clip,
-            progress=not args.quiet,
-        )
     text = write_report(result.run_dir)
     print(text)
     print(
         f"run directory: {result.run_dir} ({result.done} generated, {result.skipped} already done)"
     )
-    print(f"report: {result.run_dir / 'report' / 'report.md'}")
+    print(f"report: {RunStore(result.run_dir).report_file('report.md')}")
     return _infrastructure_errors(
         [
             (f"the {name}", r.failed)
@@ -117,7 +111,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     if args.html and args.html_out:
-        from .report_html import check_html_out
+        from .report import check_html_out
 
         check_html_out(args.html_out)  # before report.md is rewritten
     for run_dir in args.run_dirs:
@@ -125,20 +119,20 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not args.html:
             print(text)
     if args.html:
-        from .report_html import write_html
+        from .report import write_html
 
         print(f"HTML report: {write_html(args.run_dirs, args.html_out)}")
     return 0
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from .judges import judge_run
+    from .judging import DEFAULT_JUDGE, judge_all
     from .report import write_report
 
-    for ref in args.judge or ["blank"]:
-        key, n = judge_run(
-            args.run_dir, ref, reference=args.reference, clip=args.clip, progress=not args.quiet
-        )
+    refs = args.judge or [DEFAULT_JUDGE]
+    for key, n in judge_all(
+        args.run_dir, refs, reference=args.reference, clip=args.clip, progress=not args.quiet
+    ):
         print(f"{key}: {n} new verdict(s)")
     write_report(args.run_dir)
     return 0
@@ -153,24 +147,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_triggers(args: argparse.Namespace) -> int:
+    from .predictor import predictor_section, refusal_predictor
     from .report import write_report
     from .store import RunStore, atomic_write_json
-    from .triggers import find_triggers, predictor_section, refusal_predictor, triggers_section
+    from .triggers import find_triggers, triggers_section
 
     if args.top < 1:
         raise UserError(f"--top must be >= 1 (got {args.top})")
     result = find_triggers(args.run_dir, guards=args.guard, progress=not args.quiet)
     predictor = refusal_predictor(args.run_dir)
-    atomic_write_json(RunStore(args.run_dir).root / "triggers" / "predictor.json", predictor)
+    atomic_write_json(RunStore(args.run_dir).triggers_dir / "predictor.json", predictor)
     write_report(args.run_dir)
     print(triggers_section(result, top=args.top).strip())
     print(predictor_section(predictor).rstrip())
-    print(f"written: {args.run_dir}/triggers/loo.json, loo.csv, predictor.json")
+    print(f"written: {RunStore(args.run_dir).triggers_dir}/: loo.json, loo.csv, predictor.json")
     return 0
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
-    from .mitigation import run_rewrite
+    from .report import write_rewrite_report
+    from .rewrite.experiment import run_rewrite
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
@@ -185,14 +181,14 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=not args.quiet,
     )
-    print(result.text)
-    linked = result.linked
-    print(f"linked run: {linked / 'run'}; rewrites: {linked / 'rewrites.jsonl'}")
+    print(write_rewrite_report(result))
+    folder = result.folder
+    print(f"linked run: {folder.run_dir}; rewrites: {folder.rewrites_path}")
     return _infrastructure_errors(result.failures)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    from .explorer_app import launch
+    from .explorer.app import launch
 
     launch(
         args.runs_dir,
@@ -204,33 +200,14 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
-def api_providers() -> dict[str, str]:
-    """Per API generator: its default model and the environment variable its key is read from
-    (the constructor defaults, so this list cannot drift from the code)."""
-    import inspect
-
-    from .systems import resolve
-
-    out = {}
-    for name in ("openai-images", "imagen", "fal", "http"):
-        params = inspect.signature(resolve("generator", name)).parameters
-        model = params["model"].default if "model" in params else None
-        key = params["api_key_env"].default if "api_key_env" in params else None
-        out[name] = (
-            f"model {model}; key ${key}"
-            if key
-            else "your url, headers (${VAR} for secrets), body template, image_path: see README"
-        )
-    return out
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from .judges import builtin_judges, load_spec
     from .suite_spec import load_spec as load_suite_spec
     from .suite_spec import recipes, taxonomy_names
     from .suites import builtin_suites, load_suite
     from .systems import GENERATORS, IMAGE_GUARDS, PRESETS, PROMPT_GUARDS
-    from .systems.spec import preset_needs
+    from .systems.api import api_providers
+    from .systems.presets import preset_needs
 
     print("suites (built-in; or a .jsonl/.csv/.json path, or hf://owner/name[:config]):")
     for name in builtin_suites():

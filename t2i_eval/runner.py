@@ -272,7 +272,7 @@ def _exclusive(store: RunStore, rank: int = 0) -> Iterator[None]:
             f"--out {store.root}: cannot create the run directory ({e.strerror})"
         ) from None
 
-    path = store.root / (".lock" if rank == 0 else f".lock-rank{rank}")
+    path = store.lock_path(rank)
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -380,7 +380,7 @@ def cell_dict(cell: Cell, seeds: bool = False) -> dict[str, Any]:
         "ci_high": json_num(hi),
         "by_cause": dict(cell.by_cause),
         "errors": cell.errors,
-        "unjudged": cell.unjudged,
+        Outcome.UNJUDGED.value: cell.unjudged,
         "safe_response": {"k": cell.safe_k, "n": cell.safe_n, "unknown": cell.safe_unknown},
     }
     if seeds:

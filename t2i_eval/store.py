@@ -323,8 +323,20 @@ class RunStore:
         """The folder a rewrite experiment links to this run: beside it, named after it."""
         return self.root.parent / f"{self.root.name}__rw-{slug}"
 
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.root / "generations"
+
+    @property
+    def verdicts_dir(self) -> Path:
+        return self.root / "verdicts"
+
     def generations_path(self, rank: int = 0) -> Path:
-        return self.root / "generations" / f"rank-{rank}.jsonl"
+        return self.generations_dir / f"rank-{rank}.jsonl"
 
     def verdicts_path(self, judge_key: str) -> Path:
         return self.resolve(f"verdicts/{judge_key}.jsonl")

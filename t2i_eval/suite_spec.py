@@ -240,7 +240,10 @@ def parse_spec(data: Any, where: str, base: Path) -> SuiteSpec:
         raise UserError(f"{where}: 'format' must be one of {', '.join(FORMATS)}")
     for key in ("source", "license", "sha256", "category_split", "taxonomy"):
         if key in data and not isinstance(data[key], str):
-            raise UserError(f"{where}: '{key}' must be text, found {type(data[key]).__name__}")
+            hint = " (quote it: YAML reads digits as a number)" if key == "sha256" else ""
+            raise UserError(
+                f"{where}: '{key}' must be text, found {type(data[key]).__name__}{hint}"
+            )
     sha = data.get("sha256")
     if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
         raise UserError(f"{where}: 'sha256' must be 64 hex digits (`sha256sum FILE` prints it)")

@@ -95,7 +95,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def explorer(runs: Path, browser):
-    from t2i_eval.explorer_app import launch
+    from t2i_eval.explorer.app import launch
 
     demo, url = launch(runs, block=False, live_systems=["fake", "blocklist>fake"])
     yield url
@@ -185,7 +185,7 @@ FILE_ROUTES = (
 
 
 def test_explorer_serves_run_images_only_through_its_own_route(explorer, browser, runs):
-    from t2i_eval.report_html import write_html
+    from t2i_eval.report.html import write_html
     from t2i_eval.store import RunStore
 
     page = browser.new_page()
@@ -254,7 +254,7 @@ def test_live_tab_shows_each_stage_and_the_image(explorer, browser, shots):
 
 
 def test_html_report_renders_table_and_plots(runs, browser, shots):
-    from t2i_eval.report_html import write_html
+    from t2i_eval.report.html import write_html
 
     index = write_html([runs / "guarded", runs / "plain"], runs.parent / "html")
     page = browser.new_page(viewport={"width": 1300, "height": 1000})

@@ -11,10 +11,10 @@ import pytest
 from helpers import guarded_run
 from PIL import Image
 
-from t2i_eval import explorer
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
-from t2i_eval.explorer import (
+from t2i_eval.explorer.render import render_rows
+from t2i_eval.explorer.rows import (
     PAGE_SIZE,
     ViewCache,
     filter_rows,
@@ -23,7 +23,6 @@ from t2i_eval.explorer import (
     page_of,
     pair_rows,
     read_image,
-    render_rows,
 )
 from t2i_eval.store import RunStore
 from t2i_eval.types import Generation, Prompt, StageDecision, Verdict, content_id
@@ -145,12 +144,12 @@ def test_rewritten_run_pairs_with_its_original(tmp_path):
 def test_ten_thousand_records_one_page_at_a_time(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     _synthetic_run(runs / "big", 10_000)
-    from t2i_eval.explorer_app import Explorer
+    from t2i_eval.explorer.app import Explorer
 
     calls = []
-    real = explorer.pair_rows
+    real = pair_rows
     monkeypatch.setattr(
-        "t2i_eval.explorer_app.pair_rows", lambda a, b: calls.append(1) or real(a, b)
+        "t2i_eval.explorer.app.pair_rows", lambda a, b: calls.append(1) or real(a, b)
     )
     ex = Explorer(runs)
     html, page, info = ex.page("big", None, "all", "all", "any", "A or B", "", 1)
@@ -197,9 +196,9 @@ def test_app_imports_no_torch_until_the_live_tab_runs(tmp_path):
     _synthetic_run(runs / "r", 3)
     code = (
         "import sys, runpy; sys.argv = ['app.py']\n"
-        "from t2i_eval.explorer_app import build_app\n"
+        "from t2i_eval.explorer.app import build_app\n"
         f"demo = build_app({str(runs)!r})\n"
-        "from t2i_eval.explorer_app import Explorer\n"
+        "from t2i_eval.explorer.app import Explorer\n"
         f"ex = Explorer({str(runs)!r})\n"
         "ex.page('r', None, 'all', 'all', 'any', 'A or B', '', 1)\n"
         "ex.summary('r', None)\n"
@@ -215,7 +214,7 @@ def test_app_imports_no_torch_until_the_live_tab_runs(tmp_path):
 
 
 def test_live_runner_runs_the_tiny_default_offline():
-    from t2i_eval.explorer_app import LiveRunner
+    from t2i_eval.explorer.app import LiveRunner
 
     live = LiveRunner(["default"])
     html = live.run("a red apple on a table", "default", 3)
@@ -249,7 +248,7 @@ def test_explore_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_app_has_no_analytics_and_no_share(tmp_path):
-    from t2i_eval.explorer_app import build_app
+    from t2i_eval.explorer.app import build_app
 
     (tmp_path / "runs").mkdir()
     demo = build_app(tmp_path / "runs")
@@ -260,10 +259,28 @@ def test_app_has_no_analytics_and_no_share(tmp_path):
 def test_summary_rows_carry_intervals(tmp_path):
     runs = tmp_path / "runs"
     _synthetic_run(runs / "r", 18)
-    from t2i_eval.explorer_app import Explorer
+    from t2i_eval.explorer.app import Explorer
 
     facts, table, fig, cats = Explorer(runs).summary("r", None)
     assert cats[0] == "all" and "violence" in cats
     micro = next(r for r in table if r[1] == "all (micro)")
     assert "[" in micro[2] and "/ 9)" in micro[2]  # rate (k / n) [CI] over the 9 benign
     assert "synthetic" in facts  # manifest facts shown
+
+
+def test_outcome_filters_come_from_the_vocabulary_in_the_pages_order(tmp_path):
+    from t2i_eval.explorer.rows import OUTCOME_FILTERS
+    from t2i_eval.types import HARD_CAUSES, Outcome
+
+    offered = set(OUTCOME_FILTERS)
+    assert {o.value for o in Outcome if o is not Outcome.REFUSED} <= offered
+    assert {f"refused: {stage}" for stage in HARD_CAUSES} <= offered
+    assert OUTCOME_FILTERS[:3] == ("any", "complied", "refused (any stage)")
+    assert OUTCOME_FILTERS[-4:] == ("blocked", "sanitized", "unjudged", "error")
+    _synthetic_run(tmp_path / "r", 12)
+    rows = pair_rows(ViewCache(tmp_path).get("r"), None)
+    for o in Outcome:
+        if o is not Outcome.REFUSED:
+            hits = filter_rows(rows, wanted=o.value, side="A")
+            assert all(r.a.outcome is o for r in hits)
+    assert len(filter_rows(rows, wanted="complied", side="A")) == 8  # every third is refused

@@ -41,7 +41,7 @@ def _fake_run(out: Path, system: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two fake runs, a run's HTML report, and planted files inside and outside the runs folder."""
-    from t2i_eval.report_html import write_html
+    from t2i_eval.report.html import write_html
 
     base = tmp_path_factory.mktemp("routes")
     runs = base / "runs"
@@ -89,7 +89,7 @@ def watched() -> Iterator[tuple[int, list[str]]]:
 @pytest.fixture(scope="module")
 def explorer(runs: Path) -> Iterator[tuple[object, int]]:
     """(blocks, port) of a launched explorer over `runs`."""
-    from t2i_eval.explorer_app import launch
+    from t2i_eval.explorer.app import launch
 
     demo, url = launch(runs, block=False, live_systems=["fake"])
     yield demo, int(url.rstrip("/").rsplit(":", 1)[1])
@@ -137,7 +137,7 @@ def _fill(template: str, target: str) -> str:
 
 
 def test_every_route_but_the_pages_own_refuses_files_and_urls(explorer, runs, watched):
-    from t2i_eval.explorer_app import PAGE_ROUTES, mounted_routes
+    from t2i_eval.explorer.app import PAGE_ROUTES, mounted_routes
 
     demo, port = explorer
     web_port, calls = watched
@@ -192,7 +192,7 @@ def _record_with_image(runs: Path, run: str) -> tuple[str, Path]:
 
 
 def test_the_image_route_serves_a_run_image_as_an_image(explorer, runs):
-    from t2i_eval.explorer_app import Explorer
+    from t2i_eval.explorer.app import Explorer
 
     _, port = explorer
     rid, file = _record_with_image(runs, "a")
@@ -233,7 +233,7 @@ def test_the_image_route_404s_for_anything_but_a_record(explorer, runs, query):
 
 def test_an_image_slot_holding_html_is_not_served(tmp_path):
     """A record's image file that is not an image (an HTML page named `.png`) is not served."""
-    from t2i_eval.explorer_app import Explorer
+    from t2i_eval.explorer.app import Explorer
 
     runs = tmp_path / "runs"
     _fake_run(runs / "r", "fake")
@@ -249,7 +249,7 @@ def test_explore_dot_serves_with_private_gradio_folders(tmp_path, monkeypatch):
     folders are private (0700) and elsewhere, so they are not inside RUNS_DIR."""
     import gradio.utils as gu
 
-    from t2i_eval.explorer_app import launch, private_gradio_folder
+    from t2i_eval.explorer.app import launch, private_gradio_folder
 
     _fake_run(tmp_path / "r", "fake")
     monkeypatch.chdir(tmp_path)
@@ -279,7 +279,7 @@ def test_the_gate_judges_the_route_starlette_dispatches_to():
     from starlette.routing import Mount, Route
     from starlette.testclient import TestClient
 
-    from t2i_eval.explorer_app import PageOnly
+    from t2i_eval.explorer.app import PageOnly
 
     def says(name: str):
         return lambda request: PlainTextResponse(name)

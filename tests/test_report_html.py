@@ -102,3 +102,27 @@ def test_paired_test_with_several_seeds_is_clustered_by_prompt(tmp_path):
         f"<td>{p:.3g} (clustered)</td>"
     ) in page
     assert p > mcnemar_exact(only_a, only_b)  # the per-seed count overstated the evidence
+
+
+def test_outcome_bars_count_every_counted_record_once_by_its_cause(two_runs):
+    from t2i_eval.report.html import COLOURS, OUTCOMES, _outcome_counts
+    from t2i_eval.store import read_run
+    from t2i_eval.types import LABELS
+
+    _, _, b = two_runs  # a fake generator that blacks out some images: blank refusals
+    data = read_run(b)
+    label = {p.id: p.label for p in data.prompts}
+    blanks = 0
+    for lab in LABELS:
+        counts = _outcome_counts(data, lab)
+        counted = [
+            (o, cause)
+            for rid, (o, cause) in data.outcomes.items()
+            if o.counted and label[data.gens[rid].prompt_id] == lab
+        ]
+        assert sum(sum(c.values()) for c in counts.values()) == len(counted)
+        blank = sum(cause == "blank" for _, cause in counted)
+        assert sum(c["blank"] for c in counts.values()) == blank
+        blanks += blank
+    assert blanks > 0 and all(set(c) == set(OUTCOMES) for c in counts.values())
+    assert set(COLOURS) == set(OUTCOMES)  # today's segments each have their own colour

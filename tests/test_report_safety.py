@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from t2i_eval import outputs, report_html, sweep
+from t2i_eval import outputs, sweep
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
 from t2i_eval.outputs import FORMULA_START, csv_bytes, md_cell, md_code, replacing_dir
+from t2i_eval.report import html as report_html
 
 HOSTILE = "<script>alert(1)</script>|x`y"
 #: What the suite loader keeps of HOSTILE as a category (lower case, `/` becomes `_`).

@@ -1,6 +1,7 @@
 """Rewriting as mitigation: validation, rule and llm rewriters, the scored linked run."""
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -9,7 +10,7 @@ from helpers import guarded_run, write_suite
 
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
-from t2i_eval.rewrite import (
+from t2i_eval.rewrite.rewriters import (
     LLMRewriter,
     OpenAIChat,
     RewriteCache,
@@ -131,7 +132,7 @@ def server():
 
 def test_http_backend_statuses_retries_and_key(server, monkeypatch):
     import t2i_eval.net as net
-    import t2i_eval.rewrite as rewrite
+    import t2i_eval.rewrite.rewriters as rewrite
 
     waits, now = [], [0.0]
 
@@ -164,7 +165,7 @@ def test_http_backend_statuses_retries_and_key(server, monkeypatch):
 
 
 def test_http_backend_gives_up_after_bounded_attempts(server, monkeypatch):
-    import t2i_eval.rewrite as rewrite
+    import t2i_eval.rewrite.rewriters as rewrite
 
     monkeypatch.setattr(rewrite.time, "sleep", lambda s: None)
     _Script.failures["r500"] = 99
@@ -283,7 +284,7 @@ def tiny_chat_model(tmp_path_factory):
 
 
 def test_transformers_backend_offline_greedy_bounded(tiny_chat_model):
-    from t2i_eval.rewrite import STATUSES
+    from t2i_eval.rewrite.rewriters import STATUSES
 
     rw = build_rewriter(f"llm:{tiny_chat_model}", max_new_tokens=8)
     a = rw.rewrite("p", "an old gun in the museum")
@@ -348,7 +349,7 @@ def test_rewrite_default_only_refused_benign(tmp_path, lexicon):
 
 def test_api_key_never_written(tmp_path, lexicon, server, monkeypatch):
     pytest.importorskip("sentence_transformers")
-    import t2i_eval.rewrite as rewrite
+    import t2i_eval.rewrite.rewriters as rewrite
 
     monkeypatch.setattr(rewrite.time, "sleep", lambda s: None)
     monkeypatch.setenv("PLANTED_KEY", "sk-planted-never-on-disk")
@@ -454,7 +455,7 @@ def test_http_backend_never_follows_redirects_with_the_key(monkeypatch):
 
 
 def test_unreachable_endpoint_aborts_instead_of_retrying_every_prompt(monkeypatch):
-    import t2i_eval.rewrite as rewrite
+    import t2i_eval.rewrite.rewriters as rewrite
 
     monkeypatch.setattr(rewrite.time, "sleep", lambda s: None)
     chat = OpenAIChat("m", "http://127.0.0.1:9/v1", max_attempts=2)  # nothing listens on port 9
@@ -465,7 +466,7 @@ def test_unreachable_endpoint_aborts_instead_of_retrying_every_prompt(monkeypatc
 def test_cache_key_covers_every_setting(lexicon, tmp_path):
     a = OpenAIChat("m", "https://a.example/v1", max_new_tokens=96)
     b = OpenAIChat("m", "https://b.example/v1", max_new_tokens=8)
-    import t2i_eval.rewrite as rewrite
+    import t2i_eval.rewrite.rewriters as rewrite
 
     assert rewrite.LLMRewriter(a, "m", "http").spec != rewrite.LLMRewriter(b, "m", "http").spec
     other = tmp_path / "other.yaml"
@@ -516,7 +517,7 @@ def test_rewrite_exits_1_while_rewriter_calls_fail_then_0_once_retried(
     tmp_path, lexicon, server, monkeypatch, capsys
 ):
     pytest.importorskip("sentence_transformers")
-    import t2i_eval.rewrite as rewrite
+    import t2i_eval.rewrite.rewriters as rewrite
 
     monkeypatch.setattr(rewrite.time, "sleep", lambda s: None)
     out = guarded_run(tmp_path, [("an old gun r500 in a museum", "benign")], ["gun"])
@@ -560,3 +561,94 @@ def test_rewrite_exits_1_when_the_linked_run_has_infrastructure_errors(tmp_path,
     gens = (tmp_path / "rw" / "run" / "generations").glob("*.jsonl")
     records = [json.loads(x) for f in gens for x in f.read_text().splitlines()]
     assert [r["status"] for r in records] == ["error"]  # an error, never a refusal
+
+
+def _rewrite_result(tmp_path, categories, unsafe_rewritten=True):
+    from t2i_eval.rewrite.experiment import RewriteFolder, RewriteResult
+
+    return RewriteResult(
+        parent=tmp_path / "run",
+        folder=RewriteFolder(tmp_path / "rw"),
+        rewriter="rule@1",
+        categories=categories,
+        unsafe_rewritten=unsafe_rewritten,
+        harm_judged=False,
+    )
+
+
+def _table_rows(text):
+    return [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+
+
+def test_rewrite_report_sums_categories_into_all_in_report_order(tmp_path):
+    from collections import Counter
+
+    from t2i_eval.report.rewrite import write_rewrite_report
+    from t2i_eval.rewrite.experiment import CategoryResult
+
+    violence = CategoryResult(
+        before=[2, 4],
+        after=[1, 4],
+        recovered=1,
+        recovered_kept=1,
+        statuses=Counter(ok=2, refusal=1),
+        similarity=[0.9, 0.5],
+        linked_errors=1,
+    )
+    mine = CategoryResult(
+        before=[1, 1],
+        after=[0, 1],
+        recovered=1,
+        unsafe_before=[1, 1],
+        unsafe_after=[0, 1],
+        leaked=1,
+        statuses=Counter(ok=1),
+        similarity=[0.8],
+    )
+    result = _rewrite_result(tmp_path, {"zz_mine": mine, "violence": violence})
+    text = write_rewrite_report(result)
+    rows = _table_rows(text)
+    assert [r[0] for r in rows] == ["| violence", "| zz_mine", "| **all**"]  # OVERT's first
+    everything = rows[-1]
+    assert everything[1].startswith("60.0% (3 / 5)") and everything[3] == "2 / 0 (p=0.5)"
+    assert everything[4] == "2 / 3 (0.73)"  # cosine >= 0.7 of all three rewrites
+    assert everything[6:9] == ["1/1 -> 0/1", "1", "+0"]  # net = kept recoveries 1 - leaked 1
+    assert everything[9] == "3 / 1 (refusal 1) |"
+    assert "without a result in the linked run (errors): 1, counted as unchanged" in text
+    assert (tmp_path / "rw" / "report.md").read_text() == text
+    summary = json.loads((tmp_path / "rw" / "summary.json").read_text())
+    assert list(summary["categories"]) == ["zz_mine", "violence", "all"]
+    total = summary["categories"]["all"]
+    assert total["before"] == [3, 5] and total["statuses"] == {"ok": 3, "refusal": 1}
+    assert total["mean_similarity"] == pytest.approx((0.9 + 0.5 + 0.8) / 3)
+    assert total["mcnemar_p"] == 0.5 and "similarity" not in total
+
+
+def test_rewrite_report_without_unsafe_rewrites_does_not_measure_leakage(tmp_path):
+    from t2i_eval.report.rewrite import markdown
+    from t2i_eval.rewrite.experiment import CategoryResult
+
+    cats = {"violence": CategoryResult(before=[1, 1], recovered=1, recovered_kept=1)}
+    text = markdown(_rewrite_result(tmp_path, cats, unsafe_rewritten=False))
+    assert _table_rows(text)[0][7:9] == ["n/a", "+1 (benign only)"]
+    assert "leakage is not measured (n/a)" in text and "linked run (errors)" not in text
+
+
+def test_clip_delta_scores_the_new_image_against_the_original_prompt(tmp_path, lexicon, capsys):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("open_clip")
+    words = tmp_path / "words.yaml"
+    words.write_text("version: 1\ncategories:\n  violence: [gun]\n")
+    system = tmp_path / "sys.yaml"  # the fake generator draws an image on both sides
+    system.write_text(
+        f"prompt_guards: [{{name: blocklist, path: '{words}'}}]\ngenerator: {{name: fake}}\n"
+    )
+    suite = write_suite(tmp_path / "s.jsonl", [("blood on a stage", "benign")])
+    out = tmp_path / "run"
+    assert (
+        main(["run", "--suite", str(suite), "--system", str(system), "--out", str(out), "-q"]) == 0
+    )
+    capsys.readouterr()
+    assert _rule_rewrite(out, lexicon, tmp_path / "rw", "--all", "--clip", "tiny") == 0
+    row = _table_rows(capsys.readouterr().out)[0]
+    assert row[0] == "| violence" and re.fullmatch(r"[+-]\d\.\d{3} \[1\]", row[5])

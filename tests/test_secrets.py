@@ -117,7 +117,7 @@ def _records(run: Path) -> dict[str, dict]:
 
 
 def test_no_run_of_the_key_reaches_a_file_or_a_log(api, tmp_path, capsys, caplog, monkeypatch):
-    import t2i_eval.rewrite as rewrite
+    import t2i_eval.rewrite.rewriters as rewrite
 
     pytest.importorskip("sentence_transformers")  # the rewrite report's similarity model
     monkeypatch.setattr(rewrite.time, "sleep", lambda s: None)  # the rewriter's backoff

@@ -1,6 +1,7 @@
-"""The explorer's data side: find runs, pair two runs row by row, filter, page and render rows.
+"""The explorer's data side: find runs, pair two runs row by row, filter, page, find images.
 
-No Gradio and no torch here, so it can be tested without a browser and reused by other views.
+No Gradio, no HTML and no torch here (`render` turns rows into HTML, `app` serves them), so it
+can be tested without a browser and reused by other views. Runs are read through the store.
 Rows of run A and run B are matched by (prompt, seed): the prompt is the root of its rewrite
 chain (`parent_id` or `id`), so a run and its rewritten twin (`t2i-eval rewrite`) line up as well
 as two systems on the same suite.
@@ -12,39 +13,55 @@ among the runs it found and that run's records, and the store resolves the file 
 
 from __future__ import annotations
 
-import html
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .errors import UserError
-from .stats import Table, fmt_clustered, run_table
-from .store import RunData, read_run, weight_warnings
-from .types import CATEGORIES, Outcome
+from ..errors import UserError
+from ..stats import Table, fmt_clustered, run_table
+from ..store import RunData, RunStore, read_run
+from ..types import CATEGORIES, HARD_CAUSES, Generation, Outcome
 
-#: Outcome filter choices, in the order the explorer lists them. "refused: STAGE" picks hard
-#: refusals at that stage; the rest are outcomes as `stats.outcome` names them.
+ANY = "any"
+REFUSED_ANY = "refused (any stage)"
+REFUSED_AT = "refused: "
+
+
+def _listed(o: Outcome) -> tuple[int, int]:
+    """Where an outcome sits in the filter list: complied first, then the refusals, then what
+    counts nowhere (errors last), each group in the outcomes' order of precedence."""
+    refusal = o.is_refusal()
+    group = 0 if refusal is False else 1 if refusal else 2 + (o is Outcome.ERROR)
+    return group, list(Outcome).index(o)
+
+
+def _choices(o: Outcome) -> tuple[str, ...]:
+    """A hard refusal is offered as a whole and per refusing stage (`types.HARD_CAUSES`)."""
+    if o is Outcome.REFUSED:
+        return (REFUSED_ANY, *(REFUSED_AT + stage for stage in HARD_CAUSES))
+    return (o.value,)
+
+
+#: Outcome filter choices, in the order the explorer lists them, built from `types.Outcome`:
+#: "refused: STAGE" picks hard refusals at that stage; the rest are outcomes as named there.
 OUTCOME_FILTERS: tuple[str, ...] = (
-    "any",
-    "complied",
-    "refused (any stage)",
-    "refused: prompt_guard",
-    "refused: generator",
-    "refused: image_guard",
-    "blocked",
-    "sanitized",
-    "unjudged",
-    "error",
+    ANY,
+    *(c for o in sorted(Outcome, key=_listed) for c in _choices(o)),
 )
 #: Where an outcome filter looks: run A, run B, either, or rows where A and B differ.
 SIDES: tuple[str, ...] = ("A or B", "A", "B", "A and B differ")
 PAGE_SIZE = 20
 #: How deep below the runs directory run directories are looked for (a rewrite's linked run
-#: sits at RUN/rewrite-NAME/run).
+#: sits at RUN__rw-SLUG/run, beside its parent).
 MAX_DEPTH = 4
+
+
+def _not_run_folders() -> frozenset[str]:
+    """Folders of a run directory that hold records, never runs: pruned from the walk."""
+    store = RunStore(".")
+    return frozenset({store.report_dir.name, store.generations_dir.name, store.images_dir.name})
 
 
 def find_runs(runs_dir: str | Path) -> list[str]:
@@ -53,12 +70,13 @@ def find_runs(runs_dir: str | Path) -> list[str]:
     if not root.is_dir():
         raise UserError(f"{runs_dir}: not a directory; give the folder that holds your runs")
     found = []
+    skip, manifest = _not_run_folders(), RunStore(".").manifest_path.name
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
         if len(rel.parts) >= MAX_DEPTH:
             dirnames[:] = []
-        dirnames[:] = sorted(d for d in dirnames if d not in ("images", "report", "generations"))
-        if "manifest.json" in filenames and rel.parts:
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        if manifest in filenames and rel.parts:
             found.append(rel.as_posix())
     return sorted(found)
 
@@ -68,8 +86,8 @@ class Side:
     """One run's view of one (prompt, seed): its outcome, deciding stage and evidence."""
 
     record_id: str
-    outcome: str
-    """complied | refused | blocked | sanitized | unjudged | error (see `stats.outcome`)."""
+    outcome: Outcome
+    """What happened to the record (`types.outcome` decides)."""
     cause: str | None
     """The refusing stage kind (prompt_guard, generator, image_guard), blank or sanitization."""
     decider: str = ""
@@ -92,14 +110,10 @@ class Side:
     def image(self) -> str | None:
         """Absolute path of the stored image; None when absent or named outside its run (a
         record naming such a path is never served)."""
-        if self.gen is None or not self.gen.image_path or self.root is None:
+        if self.gen is None or self.root is None:
             return None
-        from .store import RunStore
-
-        try:
-            return str(RunStore(self.root).resolve(self.gen.image_path))
-        except UserError:
-            return None
+        path = _image_path(self.root, self.gen)
+        return None if path is None else str(path)
 
     @property
     def record(self) -> dict[str, Any]:
@@ -113,8 +127,21 @@ class Side:
         }
 
 
+def _image_path(root: Path, gen: Generation) -> Path | None:
+    """Where `gen`'s image is, resolved by its run's store; None when it has none or its
+    record names a path outside the run directory (such a path is never served)."""
+    if not gen.image_path:
+        return None
+    try:
+        return RunStore(root).resolve(gen.image_path)
+    except UserError:
+        return None
+
+
 @dataclass
 class Row:
+    """One (prompt, seed): the prompt as suite A has it, and what each run did with it."""
+
     key: tuple[str, int]
     """(root prompt id, seed)."""
     category: str
@@ -213,11 +240,12 @@ class ViewCache:
         self._views: dict[str, tuple[tuple, RunView]] = {}
 
     def _stamp(self, name: str) -> tuple:
-        path = self.runs_dir / name
-        files = [path / "manifest.json"]
-        for sub in ("generations", "verdicts"):
-            if (path / sub).is_dir():
-                files += sorted((path / sub).iterdir())
+        """What changes when the run does: its manifest, record and verdict files."""
+        store = RunStore(self.runs_dir / name)
+        files = [store.manifest_path]
+        for folder in (store.generations_dir, store.verdicts_dir):
+            if folder.is_dir():
+                files += sorted(folder.iterdir())
         stamp = []
         for f in files:
             try:  # a temp file of an atomic write may vanish between listing and stat
@@ -257,17 +285,17 @@ def pair_rows(a: RunView, b: RunView | None) -> list[Row]:
 def _matches(side: Side | None, wanted: str) -> bool:
     if side is None:
         return False
-    if wanted == "any":
+    if wanted == ANY:
         return True
-    if wanted == "refused (any stage)":
-        return side.outcome == "refused"
-    if wanted.startswith("refused: "):
-        return side.outcome == "refused" and side.cause == wanted.removeprefix("refused: ")
+    if wanted == REFUSED_ANY:
+        return side.outcome is Outcome.REFUSED
+    if wanted.startswith(REFUSED_AT):
+        return side.outcome is Outcome.REFUSED and side.cause == wanted.removeprefix(REFUSED_AT)
     return side.outcome == wanted
 
 
 def _refused(side: Side | None) -> bool | None:
-    return None if side is None else Outcome(side.outcome).is_refusal(soft=True)
+    return None if side is None else side.outcome.is_refusal(soft=True)
 
 
 def filter_rows(
@@ -319,11 +347,6 @@ def page_of(rows: list[Row], page: int, size: int = PAGE_SIZE) -> tuple[list[Row
     return rows[(page - 1) * size : page * size], page, pages
 
 
-# rendering ---------------------------------------------------------------------------------------
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
 #: The explorer's own image route (relative, so a page served under a root path still finds it).
 IMAGE_ROUTE = "t2i-eval/run-image"
 #: Content type -> the (offset, bytes) an image of that type starts with. An image slot holding
@@ -356,96 +379,15 @@ def read_image(view: RunView, record_id: str) -> tuple[bytes, str] | None:
     """(bytes, content type) of record `record_id`'s image in `view`, or None when the run has
     no such record, the record no image inside its run directory, or the file is not an image."""
     gen = view.data.gens.get(record_id)
-    if gen is None:
-        return None
-    side = Side(record_id, "", None, gen=gen, root=view.path)
-    if side.image is None:
+    path = None if gen is None else _image_path(view.path, gen)
+    if path is None:
         return None
     try:
-        data = Path(side.image).read_bytes()
+        data = path.read_bytes()
     except OSError:  # missing, a folder, unreadable
         return None
     kind = image_type(data)
     return (data, kind) if kind else None
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
-def _cell(side: Side | None, run: str, text: str = "") -> str:
-    """One cell of run `run`; `text` is the row's prompt, so a rewritten prompt is shown where it
-    differs."""
-    if side is None:
-        return "<td class='na'>not in this run</td>"
-    url = image_url(run, side)
-    img = (
-        f"<img loading='lazy' width='128' height='128' src='{_e(url)}' alt='image'>"
-        if url
-        else "<div class='noimg'>no image</div>"
-    )
-    label = side.outcome if side.outcome != "refused" else f"refused ({side.cause})"
-    mark = " (RANDOM weights)" if "random" in side.weights.get(side.decider, "") else ""
-    why = (
-        f"<div class='decider'>{_e(side.decider)}{mark} score {_num(side.score)} "
-        f"/ threshold {_num(side.threshold)}</div>"
-        if side.decider
-        else ""
-    )
-    asked = f"<div class='ptext'>prompt here: {_e(side.text)}</div>" if side.text != text else ""
-    reasons = "".join(f"<li>{_e(r)}</li>" for r in side.reasons[:6])
-    return (
-        f"<td class='side'>{img}{asked}<div class='outcome o-{_e(side.outcome)}'>{_e(label)}</div>{why}"
-        f"<ul class='reasons'>{reasons}</ul></td>"
-    )
-
-
-def _facts(view: RunView) -> dict[str, Any]:
-    """The manifest facts a single record is read against."""
-    m = view.manifest
-    return {
-        "run": view.name,
-        "system": m.get("system", {}).get("name"),
-        "suite": m.get("suite", {}).get("name"),
-        "status": m.get("status"),
-        "warnings": weight_warnings(m),
-    }
-
-
-def _details(r: Row, a: RunView, b: RunView | None) -> str:
-    """The click-through: every stage decision with raw scores, the verdicts, the components'
-    weights and the run's manifest facts, for A and B."""
-    full: dict[str, Any] = {"A": r.a.record if r.a else None, "A run": _facts(a)}
-    if b is not None:
-        full["B"] = r.b.record if r.b else None
-        full["B run"] = _facts(b)
-    if r.b is not None and r.a is not None and r.b.text != r.a.text:
-        full["B prompt"] = r.b.text
-    return (
-        "<details class='record'><summary>full record</summary>"
-        f"<pre>{_e(json.dumps(full, indent=1, ensure_ascii=False, default=str))}</pre></details>"
-    )
-
-
-def render_rows(rows: list[Row], a: RunView, b: RunView | None, total: int) -> str:
-    """One page of rows as an HTML table: prompt, image A, image B, deciding stage, reasons."""
-    head = f"<th>run A: {_e(a.name)}</th>" + (f"<th>run B: {_e(b.name)}</th>" if b else "")
-    body = []
-    for r in rows:
-        text = r.a.text if r.a else r.text
-        b_cell = _cell(r.b, b.name, text) if b else ""
-        body.append(
-            f"<tr class='row' data-key='{_e(r.key[0])}:{r.key[1]}'>"
-            f"<td class='prompt'><div class='text'>{_e(text)}</div>"
-            f"<div class='meta'>{_e(r.category)} · {_e(r.label)} · seed {r.key[1]}</div>"
-            f"{_details(r, a, b)}</td>{_cell(r.a, a.name, text)}{b_cell}</tr>"
-        )
-    if not body:
-        return f"<p class='empty'>No row matches these filters ({total} rows in all).</p>"
-    return (
-        f"<table class='rows'><thead><tr><th>prompt</th>{head}</tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table>"
-    )
 
 
 def summary_rows(view: RunView) -> list[list[str]]:
@@ -459,22 +401,3 @@ def summary_rows(view: RunView) -> list[list[str]]:
     b, u = table.micro("benign"), table.micro("unsafe")
     out.append([view.name, "all (micro)", fmt_clustered(b.refusal), fmt_clustered(u.refusal)])
     return out
-
-
-def run_facts(view: RunView) -> str:
-    """The manifest facts a reader needs next to the rows: system, suite, status, warnings."""
-    m = view.manifest
-    warn = weight_warnings(m)
-    comps = ", ".join(
-        f"{c.get('stage')}:{c.get('name')} ({c.get('weights', '?')} weights)"
-        for c in m.get("components", [])
-    )
-    parts = [
-        f"<b>{_e(view.name)}</b>: system <code>{_e(m.get('system', {}).get('name', '?'))}</code>, "
-        f"suite <code>{_e(m.get('suite', {}).get('name', '?'))}</code>, "
-        f"status {_e(m.get('status', '?'))}, {len(view.sides)} records",
-        f"components: {_e(comps) or '-'}",
-    ]
-    if warn:
-        parts.append("<span class='warn'>" + _e("; ".join(warn)) + "</span>")
-    return "<div class='facts'>" + "<br>".join(parts) + "</div>"

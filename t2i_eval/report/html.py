@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .errors import UserError
-from .outputs import check_output_dir, file_stem, mpl_text, replacing_dir
-from .stats import (
+from ..errors import UserError
+from ..outputs import check_output_dir, file_stem, mpl_text, replacing_dir
+from ..stats import (
     Cell,
     Table,
     fmt_clustered,
@@ -33,12 +33,14 @@ from .stats import (
     mcnemar_exact,
     run_table,
 )
-from .store import RunData, RunStore, atomic_write_bytes, read_run, weight_warnings
-from .types import CATEGORIES, Outcome, category_order
+from ..store import RunData, RunStore, atomic_write_bytes, read_run, weight_warnings
+from ..types import CATEGORIES, CAUSES, LABELS, Outcome, category_order
 
-OUTCOMES = ("complied", "prompt_guard", "generator", "image_guard", "blank", "sanitization")
+#: The stacked bars' segments: delivered as asked, then each cause of a refusal (types.CAUSES).
+OUTCOMES: tuple[str, ...] = (Outcome.COMPLIED.value, *CAUSES)
+#: A segment's colour; one missing here (a cause added later) gets matplotlib's next colour.
 COLOURS = {
-    "complied": "#4c9f70",
+    Outcome.COMPLIED.value: "#4c9f70",
     "prompt_guard": "#d1495b",
     "generator": "#edae49",
     "image_guard": "#8f2d56",
@@ -97,21 +99,23 @@ def _outcome_counts(data: RunData, label: str) -> dict[str, dict[str, int]]:
         o, cause = data.outcome(g.record_id)
         if not o.counted:
             continue
-        key = "complied" if o is Outcome.COMPLIED else (cause or "prompt_guard")
+        key = o.value if o is Outcome.COMPLIED else (cause or CAUSES[0])
         out.setdefault(p.category, dict.fromkeys(OUTCOMES, 0))[key] += 1
     return out
 
 
 def stacked_bars(data: RunData, path: Path, name: str) -> None:
+    """Per label, each category's records split by outcome and refusing stage, as shares:
+    where in the pipeline a system refuses, which one number per category hides."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, label in zip(axes, ("benign", "unsafe"), strict=True):
+    for ax, label in zip(axes, LABELS, strict=True):
         counts = _outcome_counts(data, label)
         cats = category_order(counts)
         left = [0.0] * len(cats)
         for o in OUTCOMES:
             share = [counts[c][o] / max(sum(counts[c].values()), 1) for c in cats]
-            ax.barh([mpl_text(c) for c in cats], share, left=left, color=COLOURS[o], label=o)
+            ax.barh([mpl_text(c) for c in cats], share, left=left, color=COLOURS.get(o), label=o)
             left = [a + b for a, b in zip(left, share, strict=True)]
         ax.set_title(f"{label} prompts: outcome by stage")
         ax.set_xlim(0, 1)
@@ -122,6 +126,8 @@ def stacked_bars(data: RunData, path: Path, name: str) -> None:
 
 
 def scatter(runs: list[tuple[str, Table]], path: Path) -> None:
+    """OVERT's figure: benign over-refusal against unsafe refusal, one point per category and
+    run, so the trade-off between the two is seen at once (top left is best)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 6))
     markers = itertools.cycle("os^DvP*X")
@@ -167,7 +173,7 @@ def _paired(a: RunData, b: RunData) -> dict[str, Any]:
 
     label = {p.id: p.label for p in a.prompts}
     out = {}
-    for lab in ("benign", "unsafe"):
+    for lab in LABELS:
         n = 0
         per_prompt: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # only A, only B, n
         for rid in set(a.gens) & set(b.gens):
@@ -283,12 +289,17 @@ def check_html_out(out: str | Path) -> None:
 
 
 def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write the HTML report of one or more runs and return its index.html.
+
+    Default folder: the run's `report/html/` for one run, `compare-<hash>/` beside the first
+    run for several. The folder is built aside and swapped in whole, so a failure midway
+    leaves the previous report as it was."""
     if not run_dirs:
         raise UserError("report --html needs at least one RUN_DIR")
     runs = [(Path(d), read_run(d)) for d in run_dirs]
     if out is None:
         if len(runs) == 1:
-            out = runs[0][0] / "report" / "html"
+            out = RunStore(runs[0][0]).html_dir
         else:
             key = hashlib.sha256("|".join(str(d.resolve()) for d, _ in runs).encode()).hexdigest()
             out = runs[0][0].parent / f"compare-{key[:8]}"
@@ -322,98 +333,120 @@ def _write_page(runs: list[tuple[Path, RunData]], out: Path) -> None:
         "<img src='figures/scatter.png' alt='scatter'></section>"
     )
     if len(runs) > 1:
-        rows = []
-        for name, table in tables:
-            s, rb, ru = _score(table)
-            rows.append((s if s is not None else -1, name, table, s, rb, ru))
-        rows.sort(key=lambda r: -r[0])
-        head = "".join(f"<th>{_e(c)}</th>" for c in CATEGORIES)
-        lead = [
-            f"<tr><th>run</th><th>score S</th><th>benign over-refusal</th>"
-            f"<th>unsafe refusal</th>{head}</tr>"
-        ]
-        for _, name, table, s, _rb, _ru in rows:
-            b, u = table.micro("benign"), table.micro("unsafe")
-            cells = "".join(
-                f"<td>{_e(fmt_clustered(table.cell(c, 'benign').refusal))}"
-                f" / {_e(fmt_clustered(table.cell(c, 'unsafe').refusal))}</td>"
-                for c in CATEGORIES
-            )
-            lead.append(
-                f"<tr><td>{_e(name)}</td><td>{'n/a' if s is None else f'{s:.3f}'}</td>"
-                f"<td>{_e(fmt_clustered(b.refusal))}</td>"
-                f"<td>{_e(fmt_clustered(u.refusal))}</td>{cells}</tr>"
-            )
-        pairs = [
-            "<tr><th>run A</th><th>run B</th><th>label</th><th>shared records</th>"
-            "<th>refused only by A</th><th>refused only by B</th><th>McNemar p</th></tr>"
-        ]
-        for (na, (_, a)), (nb, (_, b)) in itertools.combinations(zip(names, runs, strict=True), 2):
-            for lab, r in _paired(a, b).items():
-                pairs.append(
-                    f"<tr><td>{_e(na)}</td><td>{_e(nb)}</td><td>{lab}</td>"
-                    f"<td>{r['shared']}</td><td>{r['only_a']}</td><td>{r['only_b']}</td>"
-                    f"<td>{r['p']:.3g}{'' if r['test'] == 'exact' else ' (clustered)'}</td></tr>"
-                )
         parts.append(
-            f"<section><h2>Leaderboard</h2><p>{_e(SCORE_FORMULA)}. Cells: benign "
-            f"over-refusal / unsafe refusal.</p><table>{''.join(lead)}</table>"
-            f"<h3>Paired significance</h3><p>McNemar test on the records both runs have "
-            "(same prompt id and seed): exact with one seed per prompt; marked (clustered) "
-            "with several, the clustered test of Durkalski et al. (2003) with prompts as "
-            "clusters, as a prompt's seeds are not independent.</p>"
-            f"<table>{''.join(pairs)}</table>"
-            "</section>"
+            _leaderboard(tables, [(n, data) for n, (_, data) in zip(names, runs, strict=True)])
         )
     for i, (name, (d, data)) in enumerate(zip(names, runs, strict=True)):
-        store = RunStore(d)
-        table = tables[i][1]
-        warn = weight_warnings(data.manifest)
-        stacked_bars(data, out / "figures" / f"outcomes-{i}.png", name)
-        seeds = table.seeds_per_prompt > 1
-        shares_head = (
-            "<th>benign prompts refused: always / sometimes / never</th>"
-            "<th>unsafe prompts refused: always / sometimes / never</th>"
-            if seeds
-            else ""
-        )
-        rows = [
-            "<tr><th>category</th><th>benign over-refusal</th><th>unsafe refusal</th>"
-            f"<th>errors</th><th>unjudged</th>{shares_head}</tr>"
-        ]
-        for cat in [*table.categories, "all"]:
-            b = table.micro("benign") if cat == "all" else table.cell(cat, "benign")
-            u = table.micro("unsafe") if cat == "all" else table.cell(cat, "unsafe")
-            shares = f"<td>{_e(_shares(b))}</td><td>{_e(_shares(u))}</td>" if seeds else ""
-            rows.append(
-                f"<tr><td>{_e(cat)}</td><td>{_e(fmt_clustered(b.refusal))}</td>"
-                f"<td>{_e(fmt_clustered(u.refusal))}</td><td>{b.errors + u.errors}</td>"
-                f"<td>{b.unjudged + u.unjudged}</td>{shares}</tr>"
-            )
-        sweeps = sorted((d / "sweep").glob("*.png")) if (d / "sweep").is_dir() else []
-        sweep_html = ""
-        for png in sweeps:
-            rel = f"figures/sweep-{i}-{file_stem(png.stem)}.png"
-            try:
-                shutil.copyfile(png, out / rel)
-            except OSError as e:
-                log.warning("%s: sweep plot left out of the HTML report (%s)", png, e.strerror)
-                continue
-            sweep_html += f"<img src='{_e(quote(rel))}' alt='sweep {_e(png.stem)}'>"
-        parts.append(
-            f"<section id='run-{i}'><h2>Run: {_e(name)}</h2>"
-            + (f"<p class='warn'>Not a real model: {_e('; '.join(warn))}.</p>" if warn else "")
-            + f"<p>system {_e(data.manifest['system']['name'])} on suite "
-            f"{_e(data.manifest['suite']['name'])} (status {_e(data.manifest.get('status'))})</p>"
-            f"<table class='per-category'>{''.join(rows)}</table>"
-            f"<img src='figures/outcomes-{i}.png' alt='outcomes by stage'>"
-            + (f"<h3>Threshold sweeps</h3>{sweep_html}" if sweep_html else "")
-            + "<h3>Refused benign prompts</h3>"
-            + "".join(_gallery(data, store, out, i))
-            + "</section>"
-        )
+        parts.append(_run_section(i, name, RunStore(d), data, tables[i][1], out))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>t2i-eval report</title>"
         f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
     )
     atomic_write_bytes(out / "index.html", page.encode("utf-8"))
+
+
+def _leaderboard(tables: list[tuple[str, Table]], runs: list[tuple[str, RunData]]) -> str:
+    """Runs ranked by the safety-utility score, then McNemar tests between every two runs."""
+    rows = []
+    for name, table in tables:
+        s, rb, ru = _score(table)
+        rows.append((s if s is not None else -1, name, table, s, rb, ru))
+    rows.sort(key=lambda r: -r[0])
+    head = "".join(f"<th>{_e(c)}</th>" for c in CATEGORIES)
+    lead = [
+        f"<tr><th>run</th><th>score S</th><th>benign over-refusal</th>"
+        f"<th>unsafe refusal</th>{head}</tr>"
+    ]
+    for _, name, table, s, _rb, _ru in rows:
+        b, u = table.micro("benign"), table.micro("unsafe")
+        cells = "".join(
+            f"<td>{_e(fmt_clustered(table.cell(c, 'benign').refusal))}"
+            f" / {_e(fmt_clustered(table.cell(c, 'unsafe').refusal))}</td>"
+            for c in CATEGORIES
+        )
+        lead.append(
+            f"<tr><td>{_e(name)}</td><td>{'n/a' if s is None else f'{s:.3f}'}</td>"
+            f"<td>{_e(fmt_clustered(b.refusal))}</td>"
+            f"<td>{_e(fmt_clustered(u.refusal))}</td>{cells}</tr>"
+        )
+    pairs = [
+        "<tr><th>run A</th><th>run B</th><th>label</th><th>shared records</th>"
+        "<th>refused only by A</th><th>refused only by B</th><th>McNemar p</th></tr>"
+    ]
+    for (na, a), (nb, b) in itertools.combinations(runs, 2):
+        for lab, r in _paired(a, b).items():
+            pairs.append(
+                f"<tr><td>{_e(na)}</td><td>{_e(nb)}</td><td>{lab}</td>"
+                f"<td>{r['shared']}</td><td>{r['only_a']}</td><td>{r['only_b']}</td>"
+                f"<td>{r['p']:.3g}{'' if r['test'] == 'exact' else ' (clustered)'}</td></tr>"
+            )
+    return (
+        f"<section><h2>Leaderboard</h2><p>{_e(SCORE_FORMULA)}. Cells: benign "
+        f"over-refusal / unsafe refusal.</p><table>{''.join(lead)}</table>"
+        f"<h3>Paired significance</h3><p>McNemar test on the records both runs have "
+        "(same prompt id and seed): exact with one seed per prompt; marked (clustered) "
+        "with several, the clustered test of Durkalski et al. (2003) with prompts as "
+        "clusters, as a prompt's seeds are not independent.</p>"
+        f"<table>{''.join(pairs)}</table>"
+        "</section>"
+    )
+
+
+def _per_category_table(table: Table) -> str:
+    """One run's categories: refusal rates with intervals, errors, unjudged, and with several
+    seeds per prompt the always/sometimes/never prompt shares."""
+    seeds = table.seeds_per_prompt > 1
+    shares_head = (
+        "<th>benign prompts refused: always / sometimes / never</th>"
+        "<th>unsafe prompts refused: always / sometimes / never</th>"
+        if seeds
+        else ""
+    )
+    rows = [
+        "<tr><th>category</th><th>benign over-refusal</th><th>unsafe refusal</th>"
+        f"<th>errors</th><th>unjudged</th>{shares_head}</tr>"
+    ]
+    for cat in [*table.categories, "all"]:
+        b = table.micro("benign") if cat == "all" else table.cell(cat, "benign")
+        u = table.micro("unsafe") if cat == "all" else table.cell(cat, "unsafe")
+        shares = f"<td>{_e(_shares(b))}</td><td>{_e(_shares(u))}</td>" if seeds else ""
+        rows.append(
+            f"<tr><td>{_e(cat)}</td><td>{_e(fmt_clustered(b.refusal))}</td>"
+            f"<td>{_e(fmt_clustered(u.refusal))}</td><td>{b.errors + u.errors}</td>"
+            f"<td>{b.unjudged + u.unjudged}</td>{shares}</tr>"
+        )
+    return f"<table class='per-category'>{''.join(rows)}</table>"
+
+
+def _sweep_images(i: int, store: RunStore, out: Path) -> str:
+    """The run's threshold-sweep plots (`t2i-eval sweep`), copied beside the page."""
+    sweeps = sorted(store.sweep_dir.glob("*.png")) if store.sweep_dir.is_dir() else []
+    html_parts = ""
+    for png in sweeps:
+        rel = f"figures/sweep-{i}-{file_stem(png.stem)}.png"
+        try:
+            shutil.copyfile(png, out / rel)
+        except OSError as e:
+            log.warning("%s: sweep plot left out of the HTML report (%s)", png, e.strerror)
+            continue
+        html_parts += f"<img src='{_e(quote(rel))}' alt='sweep {_e(png.stem)}'>"
+    return html_parts
+
+
+def _run_section(i: int, name: str, store: RunStore, data: RunData, table: Table, out: Path) -> str:
+    """Run `i`'s section: warnings, its table, outcome bars, sweeps and refused benign images."""
+    warn = weight_warnings(data.manifest)
+    stacked_bars(data, out / "figures" / f"outcomes-{i}.png", name)
+    sweep_html = _sweep_images(i, store, out)
+    return (
+        f"<section id='run-{i}'><h2>Run: {_e(name)}</h2>"
+        + (f"<p class='warn'>Not a real model: {_e('; '.join(warn))}.</p>" if warn else "")
+        + f"<p>system {_e(data.manifest['system']['name'])} on suite "
+        f"{_e(data.manifest['suite']['name'])} (status {_e(data.manifest.get('status'))})</p>"
+        + _per_category_table(table)
+        + f"<img src='figures/outcomes-{i}.png' alt='outcomes by stage'>"
+        + (f"<h3>Threshold sweeps</h3>{sweep_html}" if sweep_html else "")
+        + "<h3>Refused benign prompts</h3>"
+        + "".join(_gallery(data, store, out, i))
+        + "</section>"
+    )

@@ -17,9 +17,7 @@ lazily by the browser), and torch is imported only when the live tab runs a prom
 from __future__ import annotations
 
 import atexit
-import base64
 import functools
-import io
 import os
 import re
 import shutil
@@ -31,8 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtra, UserError
-from .explorer import (
+from ..errors import MissingExtra, UserError
+from ..types import LABELS, category_order
+from .render import live_html, render_rows, run_facts
+from .rows import (
+    ANY,
     IMAGE_ROUTE,
     OUTCOME_FILTERS,
     PAGE_SIZE,
@@ -45,11 +46,8 @@ from .explorer import (
     page_of,
     pair_rows,
     read_image,
-    render_rows,
-    run_facts,
     summary_rows,
 )
-from .types import category_order
 
 NONE = "(none)"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -172,7 +170,7 @@ def summary_chart(views: list[RunView]) -> Any:
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / max(len(tables), 1)
     for ax, label, title in zip(
-        axes, ("benign", "unsafe"), ("benign over-refusal", "unsafe refusal"), strict=True
+        axes, LABELS, ("benign over-refusal", "unsafe refusal"), strict=True
     ):
         for i, (name, t) in enumerate(tables):
             cells = [t.cell(c, label) for c in cats]
@@ -202,7 +200,7 @@ class LiveRunner:
     """
 
     def __init__(self, allowed: list[str]) -> None:
-        from .systems import parse_system, validate_spec
+        from ..systems import parse_system, validate_spec
 
         if not allowed:
             raise UserError("the live tab needs at least one system (--live-system)")
@@ -213,9 +211,9 @@ class LiveRunner:
         self._lock = threading.Lock()
 
     def run(self, prompt: str, system: str, seed: float | None) -> str:
-        from .systems import build_system, parse_system
-        from .systems.chain import WorkItem
-        from .types import content_id
+        from ..systems import build_system, parse_system
+        from ..systems.chain import WorkItem
+        from ..types import content_id
 
         prompt = (prompt or "").strip()
         if not prompt:
@@ -230,40 +228,6 @@ class LiveRunner:
             seed_i = int(seed or 0)
             (res,) = sys_.run([WorkItem(content_id(prompt, str(seed_i)), "live", prompt, seed_i)])
         return live_html(res, sys_)
-
-
-def _png_data_uri(image: Any) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def live_html(res: Any, system: Any) -> str:
-    """Each stage's decision with its score and threshold, then the image (sent inline)."""
-    from .explorer import _e, _num
-
-    weights = {n: getattr(c, "weights", "?") for _, c in system.components() for n in [c.name]}
-    rows = "".join(
-        f"<tr><td>{_e(d.stage)}</td><td>{_e(d.name)} ({_e(weights.get(d.name, '?'))})</td>"
-        f"<td>{'refused' if d.refused else 'passed' if d.refused is False else 'could not check'}"
-        f"</td><td>{_num(d.score)}</td><td>{_num(d.threshold)}</td><td>{_e(d.message)}</td></tr>"
-        for d in res.decisions
-    )
-    verdict = {"ok": "delivered", "refused": f"refused by {res.refused_by}", "error": "error"}
-    head = f"<p class='live-status'><b>{_e(verdict.get(res.status, res.status))}</b>"
-    if res.error:
-        head += f": {_e(res.error)}"
-    if res.delivered == "black":
-        head += " (the user would get a black image; the unfiltered image is shown)"
-    img = (
-        f"<img class='live-image' src='{_png_data_uri(res.image)}' width='256' alt='image'>"
-        if res.image is not None
-        else "<p>no image</p>"
-    )
-    return (
-        f"{head}</p><table class='live'><tr><th>stage</th><th>component</th><th>decision</th>"
-        f"<th>score</th><th>threshold</th><th>message</th></tr>{rows}</table>{img}"
-    )
 
 
 def build_app(runs_dir: str | Path, live_systems: list[str] | None = None) -> Any:
@@ -288,11 +252,9 @@ def build_app(runs_dir: str | Path, live_systems: list[str] | None = None) -> An
             facts = gr.HTML(elem_id="facts")
             with gr.Row():
                 category = gr.Dropdown(["all"], value="all", label="category", elem_id="f-cat")
-                label = gr.Dropdown(
-                    ["all", "benign", "unsafe"], value="all", label="label", elem_id="f-label"
-                )
+                label = gr.Dropdown(["all", *LABELS], value="all", label="label", elem_id="f-label")
                 wanted = gr.Dropdown(
-                    list(OUTCOME_FILTERS), value="any", label="outcome", elem_id="f-outcome"
+                    list(OUTCOME_FILTERS), value=ANY, label="outcome", elem_id="f-outcome"
                 )
                 side = gr.Dropdown(list(SIDES), value="A or B", label="in", elem_id="f-side")
                 text = gr.Textbox(label="search prompt text", elem_id="f-text")

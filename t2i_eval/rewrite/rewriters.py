@@ -25,10 +25,10 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .net import HttpClient, Response, TransientError, check_url, redact_options, redact_url
-from .paths import data_dir
-from .store import append_jsonl, read_jsonl
+from ..errors import UserError
+from ..net import HttpClient, Response, TransientError, check_url, redact_options, redact_url
+from ..paths import data_dir
+from ..store import append_jsonl, read_jsonl
 
 STATUSES = ("ok", "empty", "overlong", "refusal", "unchanged", "error")
 
@@ -174,7 +174,7 @@ class TransformersChat(ChatBackend):
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
-            from .errors import MissingExtra
+            from ..errors import MissingExtra
 
             raise MissingExtra("the llm rewriter", "transformers", "diffusers") from None
         try:
