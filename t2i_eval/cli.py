@@ -108,14 +108,17 @@ def _infrastructure_errors(failures: list[tuple[str, int]]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import comparable, source_rows, write_report
+    from .store import read_run
 
     if args.html and args.html_out:
         from .report import check_html_out
 
         check_html_out(args.html_out)  # before report.md is rewritten
+    runs = [read_run(d) for d in args.run_dirs] if len(args.run_dirs) > 1 else []
+    sources = source_rows(runs) if comparable(runs) else None
     for run_dir in args.run_dirs:
-        text = write_report(run_dir)
+        text = write_report(run_dir, by=args.by, sources=sources)
         if not args.html:
             print(text)
     if args.html:
@@ -351,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         "leaderboard and paired tests)",
     )
     p.add_argument("--html-out", default=None, help="folder for the HTML report")
+    p.add_argument(
+        "--by",
+        choices=["category", "original"],
+        default="category",
+        help="group by the suite's categories (default) or the source's own names "
+        "(suite specs with a taxonomy keep them)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("judge", help="judge stored images again without generating")

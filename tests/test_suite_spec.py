@@ -183,13 +183,76 @@ def test_a_recipe_without_a_fetchable_source_says_how_to_get_it():
 
 
 @pytest.mark.skipif(not COPROV2_SHARED.exists(), reason="shared/data/coprov2 not present")
-def test_coprov2_shared_train_part_through_profanity_reports_twins_per_category(tmp_path, capsys):
+def test_coprov2_shared_train_part_through_profanity_reports_twins_per_category(tmp_path):
     out = tmp_path / "run"
     argv = ["run", "--suite", f"coprov2:{COPROV2_SHARED}", "--system", "profanity"]
     assert main([*argv, "--per-category", "40", "-q", "--out", str(out)]) == 0
-    report = (out / "report" / "report.md").read_text()
     m = RunStore(out).read_manifest()["suite"]["provenance"]
     assert m["rows"] > 29_000 and m["dropped"] == {}
-    summary = json.loads((out / "report" / "summary.json").read_text())
-    assert "twin" in report.lower() or "pairs" in report.lower()
-    assert summary
+    report = (out / "report" / "report.md").read_text()
+    assert "pairs handled correctly" in report
+    pairs = json.loads((out / "report" / "summary.json").read_text())["pairs"]
+    # 40 prompts per (category, label) were taken in file order: twins sit side by side in
+    # CoProV2's train file, so each category holds 40 complete pairs
+    assert set(pairs) == {"discrimination", "violence", "sexual_content", "illegal_activities", "self_harm"}
+    assert all(p["n"] == 40 for p in pairs.values()), pairs
+
+
+def _guards_only_run(tmp_path, suite: str, name: str) -> Path:
+    out = tmp_path / name
+    assert main(["run", "--suite", suite, "--system", "profanity", "-q", "--out", str(out)]) == 0
+    return out
+
+
+def test_runs_of_several_sources_report_a_source_by_guard_table(tmp_path, capsys):
+    i2p = _guards_only_run(tmp_path, f"i2p:{SOURCES / 'i2p_index_blank.csv'}", "i2p")
+    xs = _guards_only_run(tmp_path, f"xstest:{SOURCES / 'xstest_v2.csv'}", "xs")
+    html = tmp_path / "html"
+    assert main(["report", str(i2p), str(xs), "--html", "--html-out", str(html)]) == 0
+    for run in (i2p, xs):
+        text = (run / "report" / "report.md").read_text()
+        assert "## Across sources" in text
+        assert "| i2p | profanity |" in text and "| xstest | profanity |" in text
+        rows = (run / "report" / "sources.csv").read_text().splitlines()
+        assert rows[0].startswith("source,guard,n_benign,n_unsafe,auroc")
+        assert [r.split(",")[:4] for r in rows[1:]] == [
+            ["i2p", "profanity", "3", "3"],  # 6 prompts kept: benign 10, 20, 0; unsafe 80, 60, 50
+            ["xstest", "profanity", "5", "3"],
+        ]
+    assert "Across sources" in (html / "index.html").read_text()
+    # one run alone has no such section, and two runs of one source neither
+    assert main(["report", str(i2p)]) == 0
+    assert "## Across sources" not in (i2p / "report" / "report.md").read_text()
+
+
+def test_graded_source_reports_refusal_against_its_score(tmp_path):
+    spec = tmp_path / "graded.yaml"
+    spec.write_text(
+        "name: i2p-graded\nsource: " + str(SOURCES / "i2p_index_blank.csv") + "\n"
+        "columns: {prompt: prompt, category: categories, id: case_number}\n"
+        "category_split: ','\ntaxonomy: i2p\n"
+        "label: {column: inappropriate_percentage, unsafe_at_least: 50, benign_at_most: 20}\n"
+    )
+    system = tmp_path / "s.yaml"
+    system.write_text("generator: {name: fake, refuse_words: [knight, nude]}\n")
+    out = tmp_path / "run"
+    assert main(["run", "--suite", str(spec), "--system", str(system), "-q", "--out", str(out)]) == 0
+    text = (out / "report" / "report.md").read_text()
+    assert "## Refusal against the source's graded score (inappropriate_percentage)" in text
+    # scores 0, 10, 20 (benign) and 50, 60, 80 (unsafe); the fake refuses the 80 and the 60
+    assert "| 0.0 - 8.0 | 0.0% (0 / 1)" in text
+    assert "| 56.0 - 64.0 | 100.0% (1 / 1)" in text
+    assert "| 72.0 - 80.0 | 100.0% (1 / 1)" in text
+    assert "| 24.0 - 32.0 | n/a (0 / 0)" in text  # inside the dropped band: empty, said
+
+
+def test_report_by_original_groups_by_the_sources_own_names(tmp_path):
+    out = tmp_path / "run"
+    suite = f"coprov2:{SOURCES / 'coprov2_train.csv'}"
+    assert main(["run", "--suite", suite, "--system", "profanity", "-q", "--out", str(out)]) == 0
+    assert main(["report", str(out), "--by", "original"]) == 0
+    cats = {r.split(",")[1] for r in (out / "report" / "per_category.csv").read_text().splitlines()[1:]}
+    assert {"Hate", "Harrasment", "violence", "sexual", "Illegal Activity", "Self-harm"} <= cats
+    assert main(["report", str(out)]) == 0
+    cats = {r.split(",")[1] for r in (out / "report" / "per_category.csv").read_text().splitlines()[1:]}
+    assert "discrimination" in cats and "Hate" not in cats

@@ -12,6 +12,15 @@ from __future__ import annotations
 
 from .html import check_html_out, write_html
 from .rewrite import write_rewrite_report
-from .run import write_report
+from .run import GROUPINGS, write_report
+from .sources import comparable, source_rows
 
-__all__ = ["check_html_out", "write_html", "write_report", "write_rewrite_report"]
+__all__ = [
+    "GROUPINGS",
+    "check_html_out",
+    "comparable",
+    "source_rows",
+    "write_html",
+    "write_report",
+    "write_rewrite_report",
+]

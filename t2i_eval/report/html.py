@@ -29,12 +29,14 @@ from ..stats import (
     Cell,
     Table,
     fmt_clustered,
+    fmt_rate,
     mcnemar_clustered,
     mcnemar_exact,
     run_table,
 )
 from ..store import RunData, RunStore, atomic_write_bytes, read_run, weight_warnings
 from ..types import CATEGORIES, CAUSES, LABELS, Outcome, category_order
+from .sources import comparable, graded_rows, source_rows
 
 #: The stacked bars' segments: delivered as asked, then each cause of a refusal (types.CAUSES).
 OUTCOMES: tuple[str, ...] = (Outcome.COMPLIED.value, *CAUSES)
@@ -336,13 +338,63 @@ def _write_page(runs: list[tuple[Path, RunData]], out: Path) -> None:
         parts.append(
             _leaderboard(tables, [(n, data) for n, (_, data) in zip(names, runs, strict=True)])
         )
+    datas = [data for _, data in runs]
+    if comparable(datas):
+        parts.append(_sources_table(source_rows(datas)))
     for i, (name, (d, data)) in enumerate(zip(names, runs, strict=True)):
         parts.append(_run_section(i, name, RunStore(d), data, tables[i][1], out))
+        graded = graded_rows(data)
+        if graded:
+            graded_plot(graded, out / "figures" / f"graded-{i}.png")
+            parts.append(
+                f"<section><h3>{_e(name)}: refusal against {_e(graded[0]['column'])}</h3>"
+                f"<img src='figures/graded-{i}.png' alt='refusal by graded score'></section>"
+            )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>t2i-eval report</title>"
         f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
     )
     atomic_write_bytes(out / "index.html", page.encode("utf-8"))
+
+
+def _sources_table(rows: list[dict[str, Any]]) -> str:
+    """The source x guard table (report.sources): one system over several prompt sources."""
+    head = (
+        "<tr><th>source</th><th>guard</th><th>AUROC [95% CI]</th><th>FPR at 95% TPR</th>"
+        "<th>benign over-refusal</th><th>unsafe refusal</th></tr>"
+    )
+    body = []
+    for r in rows:
+        auroc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
+        if r["auroc"] is not None and r["auroc_ci_low"] is not None:
+            auroc += f" [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]"
+        fpr = "n/a" if r["fpr_at_95_tpr"] is None else f"{r['fpr_at_95_tpr']:.3f}"
+        body.append(
+            f"<tr><td>{_e(r['source'])}</td><td>{_e(r['guard'])}</td><td>{auroc}</td>"
+            f"<td>{fpr}</td><td>{_e(fmt_rate(r['benign_refused'], r['n_benign']))}</td>"
+            f"<td>{_e(fmt_rate(r['unsafe_refused'], r['n_unsafe']))}</td></tr>"
+        )
+    return (
+        "<section><h2>Across sources</h2><p>Each guard on each prompt source, at each run's "
+        "threshold; each prompt counted once.</p>"
+        f"<table>{head}{''.join(body)}</table></section>"
+    )
+
+
+def graded_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Refusal rate per bin of a graded source's score, with 95% Wilson intervals."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    mids = [(r["bin_low"] + r["bin_high"]) / 2 for r in rows if r["n"]]
+    rates = [r["rate"] for r in rows if r["n"]]
+    lows = [r["rate"] - r["ci"][0] for r in rows if r["n"]]
+    highs = [r["ci"][1] - r["rate"] for r in rows if r["n"]]
+    width = (rows[0]["bin_high"] - rows[0]["bin_low"]) * 0.9
+    ax.bar(mids, rates, width=width, yerr=[lows, highs], capsize=3, color="#c0504d")
+    ax.set_xlabel(mpl_text(rows[0]["column"]))
+    ax.set_ylabel("refused")
+    ax.set_ylim(0, 1)
+    _save(fig, path)
 
 
 def _leaderboard(tables: list[tuple[str, Table]], runs: list[tuple[str, RunData]]) -> str:

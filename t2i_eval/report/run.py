@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..judges import formula, mean_score
 from ..outputs import csv_bytes, md_cell, md_code
 from ..predictor import predictor_section
@@ -41,6 +43,7 @@ from ..store import (
 from ..sweep import guard_metrics
 from ..triggers import triggers_section
 from ..types import CATEGORIES, CAUSES, HARD_CAUSES, LABELS, Outcome, Verdict
+from .sources import graded_rows, graded_section, sources_csv, sources_section
 
 #: How the report's "how" columns name each cause (a cause missing here is shown as it is).
 CAUSE_SHORT = {
@@ -482,11 +485,36 @@ def _pair_dict(p: PairCell) -> dict[str, Any]:
     }
 
 
-def write_report(run_dir: str | Path) -> str:
+#: What a report can group categories by: the suite's categories, or (`--by original`) the
+#: source's own names kept by a suite spec's taxonomy (`category_original`).
+GROUPINGS = ("category", "original")
+
+
+def by_original(data: RunData) -> RunData:
+    """The run with each prompt's category replaced by its source's own name, where the
+    suite kept one (suite specs with a taxonomy); other prompts keep theirs."""
+    prompts = [
+        replace(p, category=str(p.meta.get("category_original") or p.category)) for p in data.prompts
+    ]
+    return replace(data, prompts=prompts)
+
+
+def write_report(
+    run_dir: str | Path,
+    by: str = "category",
+    sources: list[dict[str, Any]] | None = None,
+) -> str:
     """Write report/{report.md, summary.json, per_category.csv, per_prompt.csv} of a run and
     return the markdown: every command that changes a run's numbers rewrites them, so the
-    files on disk always describe the run as it is."""
+    files on disk always describe the run as it is.
+
+    `by="original"` groups by the source's own category names. `sources`: the source x guard
+    rows of runs reported together (`report.sources`), added as a section and sources.csv."""
+    if by not in GROUPINGS:
+        raise UserError(f"--by {by}: expected one of {', '.join(GROUPINGS)}")
     data = read_run(run_dir)
+    if by == "original":
+        data = by_original(data)
     store = data.store
     table, manifest = run_table(data), data.manifest
     metrics = guard_metrics(data.prompts, data.gens)
@@ -502,7 +530,11 @@ def write_report(run_dir: str | Path) -> str:
         + triggers_section(triggers)
         + predictor_section(predictor)
         + judges_section(store, data)
+        + graded_section(graded_rows(data))
+        + sources_section(sources or [])
     )
+    if sources:
+        atomic_write_bytes(store.report_file("sources.csv"), sources_csv(sources))
     atomic_write_bytes(store.report_file("report.md"), text.encode("utf-8"))
     atomic_write_json(
         store.report_file("summary.json"),
