@@ -126,30 +126,47 @@ def outcomes(
     return {rid: outcome(g, blank.get(rid), san.get(rid)) for rid, g in gens.items()}
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether a JSON-loaded value fits a field's annotation (the few shapes records use)."""
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON-loaded value fits a type annotation (the few shapes records and
+    component options use).
+
+    The one checker for both boundaries where typed values arrive as JSON or YAML: records
+    read from disk (`checked_fields`) and component options in a system spec
+    (`systems.options.check_values`), so `2`, `"yes"` or `[1, "a"]` fits or fails the same
+    way in both. Handles Any, unions, Literal (of strings), None, bool, int (never a bool),
+    float (an int fits: hand-written files say 2), str, `list[X]` and `dict[K, V]` (every
+    element, key and value checked) and tuples (JSON has none: a list fits). Any other type,
+    e.g. a nested record, fits here: its own `from_dict` checks it.
+    """
     if hint is Any:
         return True
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(fits(value, h) for h in args)
     if origin is Literal:
-        return isinstance(value, str) and value in typing.get_args(hint)
+        return isinstance(value, str) and value in args
     if hint is type(None):
         return value is None
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # JSON writes 2.0 as 2.0, but hand-made files may say 2
+    if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if origin is list or hint is list:
+        (item,) = args or (Any,)
+        return isinstance(value, list) and all(fits(v, item) for v in value)
     if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if origin is tuple:  # tuples of records arrive as JSON lists of objects
+        key, val = args or (Any, Any)
+        return isinstance(value, dict) and all(
+            fits(k, key) and fits(v, val) for k, v in value.items()
+        )
+    if origin is tuple:
         return isinstance(value, list)
-    return True  # a nested record type: checked by its own from_dict
+    return True
 
 
 def checked_fields(cls: type, d: Any) -> dict[str, Any]:
@@ -175,7 +192,7 @@ def checked_fields(cls: type, d: Any) -> dict[str, Any]:
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
     for name, value in d.items():
-        if not _type_ok(value, hints[name]):
+        if not fits(value, hints[name]):
             raise ValueError(
                 f"field '{name}' should be {_describe(hints[name])}, found {_found(value)}"
             )

@@ -1,4 +1,5 @@
-"""Scaffolding several test files share: a suite file and a word-list guards-only run."""
+"""Scaffolding several test files share: a suite file, a word-list guards-only run and a
+hand-made generation record."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 from t2i_eval.cli import main
+from t2i_eval.types import Generation, Status
 
 
 def write_suite(path: Path, rows: list[tuple], category: str = "violence") -> Path:
@@ -34,3 +36,17 @@ def guarded_run(tmp_path: Path, rows: list[tuple], words: list[str], *args: str)
     argv = ["run", "--suite", str(suite), "--system", str(system), "--out", str(out), "-q", *args]
     assert main(argv) == 0
     return out
+
+
+def make_generation(
+    rid: str, pid: str, status: Status, refused_by: str | None = None
+) -> Generation:
+    """A seed-0 record with an image exactly when `status` is ok (as the runner writes one)."""
+    return Generation(
+        record_id=rid,
+        prompt_id=pid,
+        seed=0,
+        status=status,
+        refused_by=refused_by,
+        image_path=f"images/{rid}.png" if status == "ok" else None,
+    )

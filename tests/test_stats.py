@@ -1,7 +1,10 @@
+"""Statistics over outcomes: intervals, tables and tests (t2i_eval/stats.py)."""
+
 import math
 import random
 
 import pytest
+from helpers import make_generation
 
 from t2i_eval.stats import (
     Cell,
@@ -12,7 +15,7 @@ from t2i_eval.stats import (
     tabulate,
     wilson,
 )
-from t2i_eval.types import Generation, Prompt, StageDecision, Verdict, outcome, outcomes
+from t2i_eval.types import Generation, Prompt, Verdict, outcomes
 
 
 @pytest.mark.parametrize(
@@ -41,33 +44,6 @@ def test_fmt_rate_states_k_n_and_interval():
     assert fmt_rate(0, 0) == "n/a (0 / 0)"
 
 
-def _gen(rid, pid, status, refused_by=None):
-    return Generation(
-        record_id=rid,
-        prompt_id=pid,
-        seed=0,
-        status=status,
-        refused_by=refused_by,
-        image_path=f"images/{rid}.png" if status == "ok" else None,
-    )
-
-
-def test_outcome_order_error_then_stage_then_blank():
-    blank = Verdict("r", "blank@1", True)
-    assert outcome(_gen("r", "p", "error"), blank) == ("error", None)
-    assert outcome(_gen("r", "p", "refused", "prompt_guard:blocklist"), blank) == (
-        "refused",
-        "prompt_guard",
-    )
-    assert outcome(_gen("r", "p", "ok"), blank) == ("blocked", "blank")
-    # an image without a usable verdict is unjudged, never silently complied
-    assert outcome(_gen("r", "p", "ok"), Verdict("r", "blank@1", None)) == ("unjudged", None)
-    assert outcome(_gen("r", "p", "ok"), None) == ("unjudged", None)
-    assert outcome(_gen("r", "p", "ok"), Verdict("r", "blank@1", False)) == ("complied", None)
-    guards_only = Generation("r", "p", 0, "ok", image_path=None)
-    assert outcome(guards_only, None) == ("complied", None)
-
-
 def test_tabulate_counts_errors_apart_and_causes():
     prompts = [
         Prompt("a", "x", "violence", "benign"),
@@ -75,11 +51,11 @@ def test_tabulate_counts_errors_apart_and_causes():
         Prompt("c", "z", "self_harm", "benign"),
     ]
     gens = {
-        "1": _gen("1", "a", "refused", "prompt_guard:blocklist"),
-        "2": _gen("2", "a", "ok"),
-        "3": _gen("3", "a", "error"),
-        "4": _gen("4", "b", "refused", "image_guard:safety_checker"),
-        "5": _gen("5", "c", "ok"),
+        "1": make_generation("1", "a", "refused", "prompt_guard:blocklist"),
+        "2": make_generation("2", "a", "ok"),
+        "3": make_generation("3", "a", "error"),
+        "4": make_generation("4", "b", "refused", "image_guard:safety_checker"),
+        "5": make_generation("5", "c", "ok"),
     }
     blank = {"2": Verdict("2", "blank@1", True), "5": Verdict("5", "blank@1", False)}
     t = tabulate(prompts, gens, outcomes(gens, blank))
@@ -105,99 +81,6 @@ def test_macro_interval_normal_approximation():
     assert zero.rate == 0.0 and zero.ci[0] == 0.0 and zero.ci[1] > 0.01
 
 
-def test_decision_roundtrip_keeps_raw():
-    d = StageDecision("image_guard", "safety_checker", True, 0.1, 0.0, {"concept_cos": [0.3]})
-    g = Generation("r", "p", 0, "refused", "image_guard:safety_checker", (d,))
-    assert Generation.from_dict(g.to_dict()) == g
-
-
-def test_auroc_against_pairwise_count():
-    from t2i_eval.sweep import auroc
-
-    neg, pos = [0.1, 0.4, 0.4, 0.8], [0.4, 0.9, 0.35]
-    # pairs (pos > neg) + 0.5 ties, counted by hand: 0.4 -> 1 + 2*0.5; 0.9 -> 4; 0.35 -> 1
-    assert auroc(neg, pos) == pytest.approx((2 + 4 + 1) / 12)
-    assert auroc([0.0], [1.0]) == 1.0 and auroc([1.0], [0.0]) == 0.0
-    assert math.isnan(auroc([], [1.0]))
-
-
-def test_fpr_at_95_tpr():
-    from t2i_eval.sweep import fpr_at_tpr
-
-    pos = [float(i) for i in range(1, 21)]  # 20 positives: keep >= 19 -> cut at 2.0
-    neg = [0.5, 1.5, 2.0, 3.0]
-    fpr, t = fpr_at_tpr(neg, pos)
-    assert t == 2.0 and fpr == pytest.approx(2 / 4)
-
-
-def test_sweep_counts_match_brute_force_and_proposes():
-    from t2i_eval.sweep import GuardScore, propose_thresholds, redecide, sweep
-
-    data = [
-        ("benign", 0.2),
-        ("benign", 0.6),
-        ("benign", 0.7),
-        ("unsafe", 0.55),
-        ("unsafe", 0.9),
-        ("unsafe", 0.3),
-    ]
-    rows = [
-        GuardScore(f"p{i}", "violence", lab, sc, 0.5, sc > 0.5) for i, (lab, sc) in enumerate(data)
-    ]
-    pts = sweep(rows, "g")
-    for p in pts:  # every point against an independent count of score > t
-        assert p.benign_refused == sum(sc > p.threshold for lab, sc in data if lab == "benign")
-        assert p.unsafe_refused == sum(sc > p.threshold for lab, sc in data if lab == "unsafe")
-    assert {0.5, 0.2, 0.9} <= {p.threshold for p in pts}  # run threshold and every score
-    assert min(p.threshold for p in pts) < 0.2  # a floor that refuses everything
-    assert all(redecide(r) == r.refused for r in rows)
-    prop = propose_thresholds(pts, target=0.6)
-    assert prop["violence"]["threshold"] == 0.5 and prop["violence"]["benign"] == "2 / 3"
-    assert propose_thresholds(pts, target=1.0)["violence"]["threshold"] == 0.2
-    assert propose_thresholds([p for p in pts if p.threshold > 0.6], 0.9)["violence"] == {
-        "reachable": False,
-        "threshold": None,
-    }
-
-
-def test_per_category_guard_sweeps_its_own_threshold():
-    from t2i_eval.sweep import GuardScore, redecide, sweep
-
-    # (label, own cosine, another category alone refuses?); own threshold 0.5
-    data = [
-        ("benign", 0.4, False),
-        ("benign", 0.45, True),
-        ("unsafe", 0.6, False),
-        ("unsafe", 0.3, False),
-    ]
-    rows = [
-        GuardScore(
-            f"p{i}",
-            "violence",
-            lab,
-            max(own - 0.5, 0.1 if other else -1),
-            0.0,
-            other or own > 0.5,
-            own,
-            0.5,
-            other,
-        )
-        for i, (lab, own, other) in enumerate(data)
-    ]
-    assert all(redecide(r) == r.refused for r in rows)
-    pts = [p for p in sweep(rows, "concept") if p.category == "violence"]
-    assert {p.units for p in pts} == {"own"}
-    for p in pts:  # moving this category's threshold cannot un-refuse what another refuses
-        assert p.benign_refused == sum(
-            o or c > p.threshold for lab, c, o in data if lab == "benign"
-        )
-        assert p.unsafe_refused == sum(
-            o or c > p.threshold for lab, c, o in data if lab == "unsafe"
-        )
-    at_run = next(p for p in pts if p.threshold == 0.5)
-    assert (at_run.benign_refused, at_run.unsafe_refused) == (1, 1)
-
-
 def test_pair_table_matches_by_pair_and_seed():
     from t2i_eval.stats import pair_table
 
@@ -218,26 +101,6 @@ def test_pair_table_matches_by_pair_and_seed():
     assert (cell.n, cell.correct, cell.benign_refused, cell.unsafe_accepted) == (2, 1, 1, 0)
 
 
-def test_auroc_interval_hanley_mcneil():
-    from t2i_eval.sweep import auroc_ci
-
-    # hand-computed: A=0.8, n_pos=n_neg=50: Q1=0.8/1.2, Q2=1.28/1.8
-    q1, q2 = 0.8 / 1.2, 2 * 0.64 / 1.8
-    se = math.sqrt((0.16 + 49 * (q1 - 0.64) + 49 * (q2 - 0.64)) / 2500)
-    lo, hi = auroc_ci(0.8, 50, 50)
-    assert lo == pytest.approx(0.8 - 1.959964 * se, abs=1e-6)
-    assert hi == pytest.approx(0.8 + 1.959964 * se, abs=1e-6)
-    assert auroc_ci(1.0, 10, 10)[1] == 1.0
-
-
-def test_propose_says_when_there_is_nothing_unsafe():
-    from t2i_eval.sweep import GuardScore, propose_thresholds, sweep
-
-    rows = [GuardScore("r", "violence", "benign", 0.3, 0.5, False)]
-    prop = propose_thresholds(sweep(rows, "g"), 0.9)
-    assert prop["violence"] == {"reachable": None, "threshold": None, "reason": "no unsafe prompts"}
-
-
 def test_mcnemar_exact_against_hand_values():
     from t2i_eval.stats import mcnemar_exact
 
@@ -252,16 +115,16 @@ def test_safe_response_needs_a_harm_verdict_for_every_accepted_record():
 
     prompts = [Prompt("u1", "x", "violence", "unsafe"), Prompt("u2", "y", "violence", "unsafe")]
     gens = {
-        "1": _gen("1", "u1", "refused", "prompt_guard:g"),
+        "1": make_generation("1", "u1", "refused", "prompt_guard:g"),
         "2": Generation("2", "u2", 0, "ok", image_path=None),
     }
     cell = tabulate(prompts, gens, outcomes(gens, {})).cell("violence", "unsafe")
     assert (cell.safe_k, cell.safe_n, cell.safe_unknown) == (1, 1, 1)  # reported as n/a
-    gens["2"] = _gen("2", "u2", "ok")
+    gens["2"] = make_generation("2", "u2", "ok")
     harm = {"2": Verdict("2", "harm@1", True)}
-    cell = tabulate(prompts, gens, outcomes(gens, {"2": Verdict("2", "blank@2", False)}), harm).cell(
-        "violence", "unsafe"
-    )
+    cell = tabulate(
+        prompts, gens, outcomes(gens, {"2": Verdict("2", "blank@2", False)}), harm
+    ).cell("violence", "unsafe")
     assert (cell.safe_k, cell.safe_n, cell.safe_unknown) == (1, 2, 0)
 
 

@@ -8,7 +8,6 @@ from the constructor's own type hints plus the value rules below, with no model 
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import types
@@ -16,6 +15,7 @@ import typing
 from typing import Any
 
 from ..errors import UserError
+from ..types import fits
 from .diffusers import SLD_LEVELS
 from .torch_utils import DTYPES
 
@@ -63,33 +63,6 @@ def _found(value: Any) -> str:
     )
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    if hint is Any or hint is inspect.Parameter.empty:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
-    if origin is dict:
-        key, val = typing.get_args(hint) or (Any, Any)
-        return isinstance(value, dict) and all(
-            _fits(k, key) and _fits(v, val) for k, v in value.items()
-        )
-    return True
-
-
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -116,7 +89,7 @@ def check_values(kind: str, name: str, cls: type, options: dict[str, Any]) -> No
     where = f"{kind} '{name}': option '{{}}'"
     for key, value in options.items():
         hint = hints.get(key, Any)
-        if not _fits(value, hint):
+        if not fits(value, hint):
             raise UserError(
                 f"{where.format(key)} must be {_describe(hint)}, found {_found(value)}"
                 + (" (write true or false, unquoted)" if hint is bool else "")
