@@ -11,8 +11,10 @@ Layout (STYLE.md section 6; README "Run directory" lists the same):
     sweep/                           curve.csv, <guard>.png, proposed_thresholds.json
     triggers/                        loo.json, loo.csv, predictor.json
     .lock, .lock-rank<r>             one process per run directory and rank
-A rewrite experiment writes a linked folder beside the run (`rewrite_dir`). Every path comes
-from here; `read_run` reads a run once for every reader (report, explorer, triggers, rewrite).
+A rewrite experiment writes a linked folder beside the run (`rewrite_dir`), laid out by
+`RewriteFolder`: rewrites.jsonl, rewrite_plan.json, run/ (the linked run), report.md,
+summary.json. Every path comes from here; `read_run` reads a run once for every reader
+(report, explorer, triggers, rewrite).
 No torch here: reports and the explorer read runs anywhere.
 """
 
@@ -492,6 +494,39 @@ class RunStore:
     def verdict_keys(self) -> list[str]:
         folder = self.root / "verdicts"
         return sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+@dataclass(frozen=True)
+class RewriteFolder:
+    """The folder a rewrite experiment links to its parent run (`RunStore.rewrite_dir` by
+    default, or `--out`). It owns that folder's layout as `RunStore` owns a run directory's."""
+
+    root: Path
+
+    @property
+    def rewrites_path(self) -> Path:
+        """Every rewrite made, one JSON line each (the cache a rerun reuses)."""
+        return self.root / "rewrites.jsonl"
+
+    @property
+    def plan_path(self) -> Path:
+        """What was selected and rewritten, and how many rewrites were valid."""
+        return self.root / "rewrite_plan.json"
+
+    @property
+    def run_dir(self) -> Path:
+        """The linked run: the valid rewrites through the parent's system and seeds."""
+        return self.root / "run"
+
+    @property
+    def report_path(self) -> Path:
+        """The before/after report (markdown)."""
+        return self.root / "report.md"
+
+    @property
+    def summary_path(self) -> Path:
+        """The before/after numbers (JSON)."""
+        return self.root / "summary.json"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,3 +46,39 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer random-weight GPT-2 with a word-level tokenizer and a chat template, saved
+    and loaded back like a hub model: the `llm` rewriter's transformers backend, offline."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "system", "user", "assistant", ":", "a", "calm", "sea"]
+    words += ["rewrite", "this", "image", "prompt", "gun", "museum", "old", "in", "the"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
+        "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(words),
+        n_positions=256,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    out = tmp_path_factory.mktemp("chat")
+    GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+    return out

@@ -229,60 +229,6 @@ def test_the_llm_rewriters_answer_and_url_lose_the_key(server, monkeypatch):
     assert "[redacted]" in r.text
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    words = [
-        "<pad>",
-        "<eos>",
-        "<unk>",
-        "system",
-        "user",
-        "assistant",
-        ":",
-        "a",
-        "calm",
-        "sea",
-        "rewrite",
-        "this",
-        "image",
-        "prompt",
-        "gun",
-        "museum",
-        "old",
-        "in",
-        "the",
-    ]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
-        "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
-    )
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(words),
-            n_positions=256,
-            n_embd=16,
-            n_layer=1,
-            n_head=2,
-            eos_token_id=1,
-            pad_token_id=0,
-        )
-    )
-    out = tmp_path_factory.mktemp("chat")
-    model.save_pretrained(out, safe_serialization=True)
-    fast.save_pretrained(out)
-    return out
-
-
 def test_transformers_backend_offline_greedy_bounded(tiny_chat_model):
     from t2i_eval.rewrite.rewriters import STATUSES
 
@@ -486,6 +432,48 @@ def test_bad_lexicon_is_one_line(tmp_path, capsys):
     assert "malformed YAML" in capsys.readouterr().err
 
 
+def test_unknown_rewriter_is_one_line_naming_the_closest(tmp_path, capsys):
+    out = _known_run(tmp_path, None)
+    capsys.readouterr()
+    assert main(["rewrite", str(out), "--rewriter", "lmm:some-model", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "Unknown rewriter 'lmm'. Did you mean 'llm'? Available: rule, llm" in err
+    assert not list(tmp_path.glob("run__rw-*"))  # nothing written
+
+
+def test_a_guard_that_could_not_recheck_is_never_read_as_a_pass(monkeypatch):
+    """The rule rewriter re-checks its alternatives against the run's prompt guards; a guard
+    that could not check (refused=None) used to count as "not refused", so the rewrite
+    passed on an alternative nobody had checked."""
+    from types import SimpleNamespace
+
+    from t2i_eval import systems
+    from t2i_eval.rewrite.experiment import _guard_check
+    from t2i_eval.systems.spec import ComponentSpec
+    from t2i_eval.types import StageDecision
+
+    answers = {  # sure refuses what says "y"; unsure can check only what says "z"
+        "sure": lambda t: "y" in t.split(),
+        "unsure": lambda t: False if "z" in t.split() else None,
+    }
+
+    def guard_class(kind, spec):
+        class Guard:
+            def check(self, texts):
+                refused = answers[spec.name]
+                return [StageDecision("prompt_guard", spec.name, refused(t)) for t in texts]
+
+        return Guard
+
+    monkeypatch.setattr(systems, "checked_class", guard_class)
+    spec = SimpleNamespace(prompt_guards=[ComponentSpec("sure"), ComponentSpec("unsure")])
+    check = _guard_check(spec)
+    assert check(["x", "y", "z"]) == [None, True, False]
+    r = RuleRewriter(check=check).rewrite("p", "an old gun in a museum")
+    assert r.status == "error" and r.text == "" and r.details["recheck"]["still_refused"] is None
+
+
 def test_rewrite_pairs_per_prompt_and_respects_the_parent_limit(tmp_path, lexicon):
     pytest.importorskip("sentence_transformers")
     rows = [
@@ -564,7 +552,8 @@ def test_rewrite_exits_1_when_the_linked_run_has_infrastructure_errors(tmp_path,
 
 
 def _rewrite_result(tmp_path, categories, unsafe_rewritten=True):
-    from t2i_eval.rewrite.experiment import RewriteFolder, RewriteResult
+    from t2i_eval.rewrite.experiment import RewriteResult
+    from t2i_eval.store import RewriteFolder
 
     return RewriteResult(
         parent=tmp_path / "run",

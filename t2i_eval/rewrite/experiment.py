@@ -28,46 +28,20 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..runner import record_id, run
-from ..store import RunData, RunStore, atomic_write_json, judge_role, read_run
+from ..store import (
+    RewriteFolder,
+    RunData,
+    RunStore,
+    atomic_write_json,
+    judge_role,
+    read_run,
+)
 from ..systems.spec import SystemSpec, spec_from_manifest
 from ..types import Prompt, Suite, category_order, content_id
-from .rewriters import Rewrite, RewriteCache, build_rewriter
+from .rewriters import Check, Rewrite, RewriteCache, build_rewriter
 
 SIM_THRESHOLD = 0.7
 """Rewrites whose MiniLM cosine to the original is at least this count as keeping the meaning."""
-
-
-@dataclass(frozen=True)
-class RewriteFolder:
-    """The folder a rewrite experiment links to its parent run (`RunStore.rewrite_dir` by
-    default, or `--out`). It owns that folder's layout as the store owns a run directory's."""
-
-    root: Path
-
-    @property
-    def rewrites_path(self) -> Path:
-        """Every rewrite made, one JSON line each (the cache a rerun reuses)."""
-        return self.root / "rewrites.jsonl"
-
-    @property
-    def plan_path(self) -> Path:
-        """What was selected and rewritten, and how many rewrites were valid."""
-        return self.root / "rewrite_plan.json"
-
-    @property
-    def run_dir(self) -> Path:
-        """The linked run: the valid rewrites through the parent's system and seeds."""
-        return self.root / "run"
-
-    @property
-    def report_path(self) -> Path:
-        """The before/after report (markdown)."""
-        return self.root / "report.md"
-
-    @property
-    def summary_path(self) -> Path:
-        """The before/after numbers (JSON)."""
-        return self.root / "summary.json"
 
 
 def _refused(data: RunData, rid: str) -> bool | None:
@@ -320,14 +294,21 @@ def _run_linked(
     return result.failed
 
 
-def _guard_check(spec: Any) -> Any:
-    """The system's prompt guards, rebuilt: refused if any of them refuses (for re-checking)."""
+def _guard_check(spec: Any) -> Check:
+    """The system's prompt guards, rebuilt, for re-checking: refused if any of them refuses,
+    else None if any could not check (None is never "not refused"), else not refused."""
     from ..systems import checked_class
 
     guards = [checked_class("prompt guard", c)(**c.options) for c in spec.prompt_guards]
-    return lambda texts: [
-        any(d.refused for d in ds) for ds in zip(*(g.check(texts) for g in guards), strict=True)
-    ]
+
+    def check(texts: list[str]) -> list[bool | None]:
+        out: list[bool | None] = []
+        for ds in zip(*(g.check(texts) for g in guards), strict=True):
+            got = [d.refused for d in ds]
+            out.append(True if True in got else None if None in got else False)
+        return out
+
+    return check
 
 
 def score(

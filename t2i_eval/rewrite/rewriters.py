@@ -8,7 +8,10 @@ Rewriters:
   endpoint (`--base-url`; the key is read from an environment variable and never written).
 
 Every output is validated: empty, overlong, refusing ("I can't help with that") and unchanged
-rewrites are recorded with that status and never used.
+rewrites are recorded with that status and never used; an outage (an endpoint that keeps
+failing, a guard re-check that could not check) is an `error`, retried on the next run.
+
+`REWRITERS` maps each `--rewriter` kind to its builder; every builder returns a `Rewriter`.
 """
 
 from __future__ import annotations
@@ -21,16 +24,24 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean, shorten
 from ..net import HttpClient, Response, TransientError, check_url, redact_options, redact_url
 from ..paths import data_dir
 from ..store import append_jsonl, read_jsonl
 
 STATUSES = ("ok", "empty", "overlong", "refusal", "unchanged", "error")
+"""A rewrite's status: only `ok` rewrites are run; `error` ones are asked again on a rerun."""
+
+RAW_LIMIT = 500
+"""Characters of a rewriter's output kept in `Rewrite.details["raw"]`: enough to see why a
+rewrite got its status, not a runaway generation in every record."""
+
+Check = Callable[[list[str]], list[bool | None]]
+"""The system's prompt guards re-checking texts: refused, not refused, or None (could not check)."""
 
 _REFUSAL = re.compile(
     r"^\s*(i\s*(can(no|')t|cannot|won't|will not|am unable|'m unable|'m sorry|am sorry)|sorry\b|"
@@ -50,6 +61,41 @@ class Rewrite:
     status: str
     rewriter: str
     details: dict[str, Any] = field(default_factory=dict)
+    """`raw`: the rewriter's output before validation (cut to RAW_LIMIT), or `error`: why there
+    is none; plus what the rewriter adds (the rule rewriter's replaced words)."""
+
+
+@runtime_checkable
+class Rewriter(Protocol):
+    """What the rewrite experiment uses of a rewriter; every REWRITERS builder returns one."""
+
+    key: str
+    """Names its rewrites (`Rewrite.rewriter`), the linked suite's version and folder."""
+    spec: dict[str, Any]
+    """Every setting that changes a rewrite: keys the cache, is recorded in rewrite_plan.json
+    and the linked run's manifest, and rebuilds the rewriter (`rewriter_from_spec`)."""
+
+    def rewrite(self, parent_id: str, text: str) -> Rewrite:
+        """One prompt's rewrite, with a status from STATUSES; never raises for an outage that
+        a rerun may not meet again (that is an `error` rewrite)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RewriterSettings:
+    """What `t2i-eval rewrite` hands every builder besides the ref's argument."""
+
+    base_url: str | None = None
+    """An OpenAI-compatible endpoint: the `llm` rewriter asks it instead of a local model."""
+    api_key_env: str | None = None
+    """The environment variable holding that endpoint's key (read per request, never written)."""
+    max_new_tokens: int = 96
+    """The most tokens an `llm` answer may have."""
+    triggers: dict[str, list[str]] | None = None
+    """Prompt text -> the run's leave-one-out trigger words (the rule rewriter reports those it
+    has no alternative for)."""
+    check: Check | None = None
+    """The system's prompt guards, for the rule rewriter to re-check its alternatives."""
 
 
 def validate(original: str, raw: str | None, max_ratio: float = 3.0) -> tuple[str, str]:
@@ -78,10 +124,12 @@ class RuleRewriter:
         self,
         lexicon: str | None = None,
         triggers: dict[str, list[str]] | None = None,
-        check: Callable[[list[str]], list[bool]] | None = None,
+        check: Check | None = None,
     ) -> None:
         """`check(texts) -> refused?` re-checks the system's prompt guards: when the first
-        alternatives still get refused, the second and third are tried in turn."""
+        alternatives still get refused, the second and third are tried in turn. A re-check
+        that could not check (None) makes the rewrite an `error`: which alternative passes
+        is then unknown, and the next run asks again."""
         self.check = check
         self.path = Path(lexicon) if lexicon else data_dir("guards") / "rewrite_lexicon.yaml"
         if not self.path.is_file():
@@ -116,9 +164,13 @@ class RuleRewriter:
         self.key = f"rule@{self.version}"
         self.spec = {
             "kind": "rule",
+            # where it is, to rebuild from the spec: None is the shipped one (wherever installed)
+            "lexicon": str(self.path.resolve()) if lexicon else None,
             "version": self.version,
             "rechecks_guards": check is not None,
             "lexicon_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+            # the records list the triggers without an alternative: new triggers, new records
+            "triggers_digest": _digest(self.triggers) if self.triggers else None,
         }
 
     def _covered(self, word: str) -> bool:
@@ -143,8 +195,18 @@ class RuleRewriter:
         if self.check is not None and replaced:
             for k in range(max(len(self.terms[t]) for t in replaced)):
                 candidate = out if k == 0 else with_alternative(k)
-                still = self.check([candidate])[0]
+                try:
+                    still = self.check([candidate])[0]
+                    failure = ""
+                except UserError:
+                    raise
+                except Exception as e:  # a guard that failed could not check either
+                    still, failure = None, f" ({type(e).__name__}: {e})"
                 recheck = {"alternative": k, "still_refused": still}
+                if still is None:
+                    why = f"a prompt guard could not re-check alternative {k}{failure}"
+                    details = {"error": why, "replaced": replaced, "recheck": recheck}
+                    return Rewrite(parent_id, text, "", "error", self.key, details)
                 if not still:
                     out = candidate
                     break
@@ -156,7 +218,12 @@ class RuleRewriter:
             cleaned,
             status,
             self.key,
-            {"replaced": replaced, "triggers_without_alternative": missing, "recheck": recheck},
+            {
+                "raw": out[:RAW_LIMIT],
+                "replaced": replaced,
+                "triggers_without_alternative": missing,
+                "recheck": recheck,
+            },
         )
 
 
@@ -298,6 +365,14 @@ class OpenAIChat(ChatBackend):
 
 
 class LLMRewriter:
+    """A chat model asked to rewrite each prompt (instructions from guards/rewrite_prompt.yaml).
+
+    An answer that did not come (the backend's `TransientError` after its retries, a local
+    model out of memory) is an `error` rewrite, as a failing stage is an error item in
+    `systems.chain`; a `UserError` (bad configuration) aborts the rewrite. What did come is
+    validated and kept, cut to RAW_LIMIT, in `raw`.
+    """
+
     def __init__(
         self, backend: ChatBackend, model: str, kind: str, instructions: str | None = None
     ) -> None:
@@ -318,10 +393,38 @@ class LLMRewriter:
     def rewrite(self, parent_id: str, text: str) -> Rewrite:
         try:
             raw = self.backend.chat(self.system, self.user.replace("{prompt}", text))
-        except TransientError as e:
-            return Rewrite(parent_id, text, "", "error", self.key, {"error": str(e.args[0])})
+        except UserError:
+            raise  # a 4xx, an endpoint that never answered: every prompt would meet it
+        except Exception as e:  # an outage (retries spent, out of memory): asked again next run
+            why = str(e.args[0]) if isinstance(e, TransientError) else f"{type(e).__name__}: {e}"
+            return Rewrite(parent_id, text, "", "error", self.key, {"error": why})
         status, cleaned = validate(text, raw)
-        return Rewrite(parent_id, text, cleaned, status, self.key, {"raw": raw[:500]})
+        return Rewrite(parent_id, text, cleaned, status, self.key, {"raw": raw[:RAW_LIMIT]})
+
+
+def _rule(arg: str, settings: RewriterSettings) -> Rewriter:
+    """`rule` (the shipped lexicon) or `rule:LEXICON.yaml`."""
+    return RuleRewriter(arg or None, triggers=settings.triggers, check=settings.check)
+
+
+def _llm(arg: str, settings: RewriterSettings) -> Rewriter:
+    """`llm:MODEL`: a local transformers model, or with `base_url` an OpenAI-compatible
+    endpoint (the backend's name goes into the spec's kind: `llm-http`, `llm-transformers`)."""
+    if not arg:
+        raise UserError("--rewriter llm:MODEL needs a model id or path")
+    backend = "http" if settings.base_url else "transformers"
+    return LLMRewriter(CHAT_BACKENDS[backend](arg, settings), arg, backend)
+
+
+#: Chat backend of the `llm` rewriter -> how it is built from the model and the settings.
+CHAT_BACKENDS: dict[str, Callable[[str, RewriterSettings], ChatBackend]] = {
+    "transformers": lambda model, s: TransformersChat(model, s.max_new_tokens),
+    "http": lambda model, s: OpenAIChat(model, s.base_url or "", s.api_key_env, s.max_new_tokens),
+}
+
+#: `--rewriter KIND[:ARG]` -> its builder, called with ARG and the settings. A new rewriter is
+#: one entry here (and one offline variant in tests/test_contracts_rewriters.py).
+REWRITERS: dict[str, Callable[[str, RewriterSettings], Rewriter]] = {"rule": _rule, "llm": _llm}
 
 
 def build_rewriter(
@@ -331,24 +434,56 @@ def build_rewriter(
     api_key_env: str | None = None,
     max_new_tokens: int = 96,
     triggers: dict[str, list[str]] | None = None,
-    check: Callable[[list[str]], list[bool]] | None = None,
-) -> Any:
+    check: Check | None = None,
+) -> Rewriter:
     """`rule`, `rule:LEXICON.yaml`, or `llm:MODEL` (a local transformers model, or with
-    `base_url` an OpenAI-compatible endpoint)."""
+    `base_url` an OpenAI-compatible endpoint): the REWRITERS entry the ref's kind names."""
     kind, _, arg = ref.partition(":")
-    if kind == "rule":
-        return RuleRewriter(arg or None, triggers=triggers, check=check)
-    if kind == "llm":
-        if not arg:
-            raise UserError("--rewriter llm:MODEL needs a model id or path")
-        if base_url:
-            return LLMRewriter(
-                OpenAIChat(arg, base_url, api_key_env, max_new_tokens),
-                arg,
-                "http",
-            )
-        return LLMRewriter(TransformersChat(arg, max_new_tokens), arg, "transformers")
-    raise UserError(f"unknown rewriter '{ref}' (expected rule, rule:LEXICON.yaml or llm:MODEL)")
+    builder = REWRITERS.get(kind)
+    if builder is None:
+        raise UserError(
+            f"Unknown rewriter '{kind}'.{did_you_mean(kind, list(REWRITERS))} Available: "
+            f"{', '.join(REWRITERS)} (--rewriter rule, rule:LEXICON.yaml or llm:MODEL)"
+        )
+    settings = RewriterSettings(base_url, api_key_env, max_new_tokens, triggers, check)
+    return builder(arg, settings)
+
+
+def rewriter_from_spec(
+    spec: dict[str, Any],
+    *,
+    api_key_env: str | None = None,
+    triggers: dict[str, list[str]] | None = None,
+    check: Check | None = None,
+) -> Rewriter:
+    """The rewriter a recorded spec describes (rewrite_plan.json, the linked run's manifest),
+    built again with the same key and spec, so it finds the same cached rewrites.
+
+    What the spec does not hold is passed again: the variable holding the API key (a name from
+    the user's environment), the run's trigger words and the guards' re-check (a callable; the
+    spec records only whether there was one). A base URL recorded with its credentials
+    redacted is rebuilt redacted: pass the real one to `build_rewriter` instead.
+    """
+    kind = str(spec.get("kind", ""))
+    name, _, backend = kind.partition("-")
+    if name == "rule" and not backend:
+        ref = f"rule:{spec['lexicon']}" if spec.get("lexicon") else "rule"
+    elif name == "llm" and backend in CHAT_BACKENDS and spec.get("model"):
+        ref = f"llm:{spec['model']}"
+    else:
+        known = ["rule", *(f"llm-{b}" for b in CHAT_BACKENDS)]
+        raise UserError(
+            f"rewriter spec: kind '{shorten(kind)}' is no rewriter of this t2i-eval version "
+            f"(expected one of {', '.join(known)}, with a 'model' for llm); rewrite again"
+        )
+    return build_rewriter(
+        ref,
+        base_url=spec.get("base_url") if backend == "http" else None,
+        api_key_env=api_key_env,
+        max_new_tokens=int(spec.get("max_new_tokens", 96)),
+        triggers=triggers,
+        check=check,
+    )
 
 
 class RewriteCache:
