@@ -46,6 +46,7 @@ lint: install
 # Performance ratios side by side in one run (writes docs/performance.md; < 10 min here).
 bench: install
 	$(BIN)/python bench/performance.py
+	$(BIN)/python bench/embed_cache_speed.py
 
 # Prompt guards on OVERT (writes docs/guards_overt.md) and their speed (prints a table).
 bench-guards: install
