@@ -95,6 +95,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .embed_cache import EmbeddingCache, describe
+
+    cache = EmbeddingCache()
+    if args.action == "info":
+        print(describe(cache.info(args.encoder)))
+        return 0
+    removed = cache.clear(args.encoder)
+    what = f"encoder '{args.encoder}'" if args.encoder else "every entry"
+    count = "" if removed is None else f" ({removed:,} entries)"
+    print(f"embedding cache {cache.folder}: cleared {what}{count}")
+    return 0
+
+
 def _infrastructure_errors(failures: list[tuple[str, int]]) -> int:
     """Exit code 1 (with one line each) when items ended in infrastructure errors, so a script
     chaining commands does not take a partial result for a finished one; else 0."""
@@ -144,7 +158,14 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import format_result, run_sweep
 
-    res = run_sweep(args.run_dir, target=args.target, guards=args.guard, plots=not args.no_plots)
+    res = run_sweep(
+        args.run_dir,
+        target=args.target,
+        guards=args.guard,
+        plots=not args.no_plots,
+        max_overrefusal=args.max_overrefusal,
+        per_category=args.per_category,
+    )
     print(format_result(res, args.target))
     return 0
 
@@ -153,17 +174,25 @@ def cmd_triggers(args: argparse.Namespace) -> int:
     from .predictor import predictor_section, refusal_predictor
     from .report import write_report
     from .store import RunStore, atomic_write_json
-    from .triggers import find_triggers, triggers_section
+    from .triggers import explain_run, image_triggers_section, triggers_section
 
     if args.top < 1:
         raise UserError(f"--top must be >= 1 (got {args.top})")
-    result = find_triggers(args.run_dir, guards=args.guard, progress=not args.quiet)
+    result, image = explain_run(args.run_dir, guards=args.guard, progress=not args.quiet)
     predictor = refusal_predictor(args.run_dir)
     atomic_write_json(RunStore(args.run_dir).triggers_dir / "predictor.json", predictor)
     write_report(args.run_dir)
-    print(triggers_section(result, top=args.top).strip())
+    words, concepts = triggers_section(result, args.top), image_triggers_section(image, args.top)
+    for section in (words, concepts):
+        if section:
+            print(section.strip())
     print(predictor_section(predictor).rstrip())
-    print(f"written: {RunStore(args.run_dir).triggers_dir}/: loo.json, loo.csv, predictor.json")
+    files = [
+        *(["loo.json", "loo.csv"] if result is not None else []),
+        *(["image_concepts.json"] if image is not None else []),
+        "predictor.json",
+    ]
+    print(f"written: {RunStore(args.run_dir).triggers_dir}/: {', '.join(files)}")
     return 0
 
 
@@ -385,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="re-decide stored guard scores at many thresholds (no model run)",
         description="Trade-off curves (benign over-refusal vs unsafe refusal) per guard and "
-        "category from a finished run, and per-category thresholds that reach --target.",
+        "category from a finished run (prompt guards by threshold, the safety checker by its "
+        "adjustment, strength levels marked), per-category thresholds that reach --target, and "
+        "with --max-overrefusal the split-conformal thresholds bounding over-refusal.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument(
@@ -393,13 +424,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--guard", action="append", default=None, help="only this guard (repeatable)")
     p.add_argument("--no-plots", action="store_true", help="CSV and JSON only")
+    p.add_argument(
+        "--max-overrefusal",
+        type=float,
+        default=None,
+        metavar="A",
+        help="write sweep/conformal_thresholds.json: per guard the threshold keeping a new "
+        "benign prompt's refusal probability <= A (split conformal on this run's benign scores)",
+    )
+    p.add_argument(
+        "--per-category",
+        action="store_true",
+        help="with --max-overrefusal: calibrate each category on its own benign prompts (Mondrian)",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "triggers",
-        help="find the words that make a prompt guard refuse benign prompts",
+        help="find the words (prompt guards) and checker concepts (image guards) behind "
+        "refusals of benign prompts",
         description="Leave-one-word-out re-scoring of refused benign prompts through the same "
-        "guard; the report then lists top triggers per category.",
+        "guard, and the safety-checker concepts above threshold in refused benign images (from "
+        "stored scores); the report then lists top triggers per category.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--guard", action="append", default=None, help="only this guard (repeatable)")
@@ -454,6 +500,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Visitors pick from these only",
     )
     p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser(
+        "cache",
+        help="the embedding cache: where it is and what it holds (info), or empty it (clear)",
+        description="Sentence embeddings are cached under the cache folder (T2I_EVAL_CACHE) by "
+        "encoder, weights digest and exact text, bounded by T2I_EVAL_EMBED_CACHE_MAX_MB (least "
+        "recently used go first; 0 turns the cache off).",
+    )
+    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("--encoder", default=None, metavar="ID", help="only this encoder's entries")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("list", help="built-in suites, systems, components and judges")
     p.set_defaults(func=cmd_list)

@@ -337,6 +337,11 @@ CASES = [
     system("system_api_timeout_zero", "{BAD}/system_api_timeout_zero.yaml", "timeout"),
     system("system_blocklist_categories_text", "{BAD}/system_blocklist_categories_text.yaml", "option 'categories' must be a list of text or null, found text"),
     system("system_bad_option_value", "{BAD}/system_bad_option_value.yaml", "generator 'fake': option 'size' must be an integer, found text"),
+    system(
+        "system_thresholds_file_missing",
+        "{BAD}/system_thresholds_file_missing.yaml",
+        "profanity: thresholds file nope.json not found; expected a sweep's",
+    ),
     system("system_empty_component_before_plus", "+>fake", "an empty component around '+'"),
     system("system_empty_component_after_plus", "blocklist+>fake", "an empty component around '+'"),
     # bounded resources: refused quickly, in little memory, with a short line -------------------

@@ -81,3 +81,37 @@ def test_predictor_names_the_word_the_generator_refuses(tmp_path):
     assert "5-fold cross-validated: accuracy 100.0% (majority baseline 50.0%)" in section
     assert "on 32 prompts (16 refused)" in section
     assert f"| violence | forbidden ({weight})" in section
+
+
+@pytest.mark.parametrize("weight", [-1.0, 100.0])
+def test_image_triggers_name_every_concept_of_a_checker_that_flags_everything(
+    tmp_path, capsys, weight
+):
+    """Known answers from the forced tiny checker: at thresholds -1 every one of the 17
+    concepts and 3 special-care concepts is above threshold in every benign image (12 = 6
+    prompts x 2 seeds); at 100 no image is refused, and the report shows no section."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from checker_runs import forced_checker_run
+
+    out, _, _ = forced_checker_run(tmp_path, weight)
+    capsys.readouterr()
+    assert main(["triggers", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "triggers" / "image_concepts.json").read_text())
+    g = result["guards"]["safety_checker"]
+    assert (g["n_concepts"], g["n_special"], g["not_reproduced"]) == (17, 3, 0)
+    report = (out / "report" / "report.md").read_text()
+    assert not (out / "triggers" / "loo.json").exists()  # no prompt guard to explain
+    if weight > 0:
+        assert g["categories"] == {} and g["records"] == []
+        assert "Image-guard triggers" not in report and "Image-guard triggers" not in printed
+        return
+    cat = g["categories"]["violence"]
+    assert cat["refused"] == 12 and len(g["records"]) == 12  # unsafe images not included
+    assert cat["concepts"] == [[k, 12] for k in range(17)]
+    assert cat["special_care"] == [[j, 12] for j in range(3)]
+    assert all(r["concepts"] == list(range(17)) for r in g["records"])
+    row = "| safety_checker | violence | 12 | 0 (12), 1 (12), 2 (12), 3 (12), 4 (12) |"
+    assert row in report and row in printed
+    assert "image_concepts.json" in printed

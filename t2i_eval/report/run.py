@@ -41,7 +41,7 @@ from ..store import (
     weight_warnings,
 )
 from ..sweep import guard_metrics
-from ..triggers import triggers_section
+from ..triggers import image_triggers, image_triggers_section, triggers_section
 from ..types import CATEGORIES, CAUSES, HARD_CAUSES, LABELS, Outcome, Verdict
 from .sources import graded_rows, graded_section, sources_csv, sources_section
 
@@ -528,6 +528,7 @@ def write_report(
         + guard_section(metrics)
         + pair_section(pairs)
         + triggers_section(triggers)
+        + image_triggers_section(image_triggers(data.prompts, data.gens))
         + predictor_section(predictor)
         + judges_section(store, data)
         + graded_section(graded_rows(data))

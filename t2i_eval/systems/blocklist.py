@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import UserError
 from ..paths import data_dir, load_yaml
 from ..types import StageDecision
+from .thresholds import check_file_option, file_info, read_thresholds, scalar_threshold
 
 _LEET = str.maketrans(
     {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
@@ -29,14 +30,28 @@ def normalize(text: str) -> str:
 
 
 class BlocklistGuard:
-    """Refuse a prompt that contains any listed term (score = number of distinct terms matched)."""
+    """Refuse a prompt that contains more than `threshold` listed terms (default 0: any term;
+    score = number of distinct terms matched). `thresholds: FILE` takes a sweep's calibrated
+    threshold instead (`systems/thresholds.py`)."""
 
     name = "blocklist"
     weights = "rules"
 
-    def __init__(self, path: str | None = None, categories: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        categories: list[str] | None = None,
+        threshold: float = 0.0,
+        thresholds: str | None = None,
+    ) -> None:
         self.path = Path(path) if path else data_dir("guards") / "blocklist.yaml"
         self.categories = categories
+        self.from_file = read_thresholds(thresholds, self.name) if thresholds else None
+        self.threshold = scalar_threshold(self.from_file, threshold)
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        check_file_option(cls.name, options)
 
     @cached_property
     def _spec(self) -> dict[str, Any]:
@@ -76,7 +91,10 @@ class BlocklistGuard:
             "path": str(self.path),
             "version": self._spec["version"],
             "terms": len(self._patterns),
-            "rule": "refuse when any term matches (score > 0)",
+            "rule": "refuse when any term matches (score > 0)"
+            if self.threshold == 0
+            else f"refuse when more than {self.threshold:g} distinct terms match",
+            **file_info(self.from_file),
         }
 
     def check(self, texts: list[str]) -> list[StageDecision]:
@@ -93,11 +111,11 @@ class BlocklistGuard:
                 StageDecision(
                     "prompt_guard",
                     self.name,
-                    n > 0,
+                    n > self.threshold,
                     score=float(n),
-                    threshold=0.0,
+                    threshold=self.threshold,
                     raw={"matches": matches},
-                    message=f"matched {message}" if n else "",
+                    message=f"matched {message}" if n > self.threshold else "",
                 )
             )
         return decisions

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import UserError
 from ..types import fits
 from .diffusers import SLD_LEVELS
+from .safety_checker import LEVELS as CHECKER_LEVELS
 from .torch_utils import DTYPES
 
 #: Numeric bounds by option name (inclusive; None = open). The same name means the same thing
@@ -45,6 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": DTYPES,
     "safe": SLD_LEVELS,
     "mode": ("solid", "noise"),
+    "adjustment": tuple(CHECKER_LEVELS),
 }
 
 #: `auto`, `cpu`, `mps`, `cuda` or `cuda:N`.

