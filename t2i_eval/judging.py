@@ -17,7 +17,9 @@ import datetime as dt
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
+from time import perf_counter
 from typing import Any, Protocol, TypeVar
 
 from .errors import UserError
@@ -87,7 +89,8 @@ def judge_run(
     """Judge every delivered image of a run that this judge has no usable verdict on yet.
 
     Returns (judge key, number of records judged). Resumable: records with a verdict are
-    skipped, so rerunning costs nothing. An unreadable image gets a verdict with `flagged=None`
+    skipped, so rerunning costs nothing. Each verdict records its share of its batch's wall
+    time (`timed`). An unreadable image gets a verdict with `flagged=None`
     ("could not judge"), never counted as a refusal, and is tried again next time. The judge's
     kind and declared role go into the manifest's `judges[key]`, where `store.pick_judges`
     finds which judge decides each outcome. `reference` is the run to compare with (judges
@@ -168,7 +171,7 @@ def judge_run(
                         reference_image = None  # the judge says "no reference image"
                 items.append(_item(g, image, prompts.get(g.prompt_id), reference_image))
             if items:
-                verdicts += judge.judge_batch(items)
+                verdicts += timed(judge.judge_batch, items)
             store.append_verdicts(judge.key, verdicts)
             bar.update(len(chunk))
     if unreadable:
@@ -181,6 +184,17 @@ def judge_run(
             unreadable[0],
         )
     return judge.key, len(todo)
+
+
+def timed(
+    judge_batch: Callable[[list[JudgeItem]], list[Verdict]], items: list[JudgeItem]
+) -> list[Verdict]:
+    """`judge_batch(items)`, each verdict carrying its even share of the batch's wall time
+    (`Verdict.seconds`), as the chain times its stages."""
+    start = perf_counter()
+    verdicts = judge_batch(items)
+    per_item = round((perf_counter() - start) / max(len(verdicts), 1), 6)
+    return [replace(v, seconds=per_item) for v in verdicts]
 
 
 def judge_all(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -505,3 +505,47 @@ def mcnemar_exact(b: int, c: int) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency: where a run's time went, per stage and per judge.
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The q-quantile of `xs` by linear interpolation between order statistics (Hyndman & Fan's
+    type 7, numpy's default): with the values sorted x_0 <= ... <= x_{n-1} and h = (n - 1) q,
+    x_floor(h) + (h - floor(h)) (x_floor(h)+1 - x_floor(h)). nan for no values."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"quantile q must be in [0, 1], got {q}")
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    h = (len(s) - 1) * q
+    lo = math.floor(h)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (h - lo) * (s[hi] - s[lo])
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall time of one stage or judge over the items it handled."""
+
+    items: int
+    """Items with a time (untimed ones, from older runs, are left out)."""
+    total_seconds: float
+    """Sum of the items' times: the stage's share of the run."""
+    ms_p50: float
+    """Median milliseconds per item."""
+    ms_p95: float
+    """95th percentile of milliseconds per item (`quantile`, type 7)."""
+
+
+def latency(seconds: Iterable[float | None]) -> Latency | None:
+    """Items, total and per-item p50 / p95 of some timed items; None when none is timed.
+
+    Each item's time is its even share of its batch (`StageDecision.seconds`), so the
+    percentiles are over batch means: a stage batching 8 items never shows one slow item."""
+    xs = [float(s) for s in seconds if s is not None]
+    if not xs:
+        return None
+    return Latency(len(xs), sum(xs), 1000 * quantile(xs, 0.5), 1000 * quantile(xs, 0.95))

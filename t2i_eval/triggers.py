@@ -25,7 +25,7 @@ from .errors import UserError
 from .outputs import csv_bytes, md_cell
 from .store import RunStore, atomic_write_bytes, atomic_write_json
 from .sweep import checker_scores
-from .systems import checked_class
+from .systems import build_component
 from .systems.spec import ComponentSpec
 from .types import Generation, Prompt, category_order
 
@@ -52,7 +52,10 @@ def refused_benign(store: RunStore, guard: str) -> list[tuple[str, str, str]]:
         p = prompts.get(g.prompt_id)
         if p is None or p.label != "benign" or p.id in out:
             continue
-        if any(d.stage == "prompt_guard" and d.name == guard and d.refused for d in g.decisions):
+        if any(
+            d.stage == "prompt_guard" and d.name == guard and d.refused and not d.unavailable
+            for d in g.decisions
+        ):  # a fail-closed decision (on_error: refuse) is not the guard's own refusal
             out[p.id] = (p.id, p.category, p.text)
     return list(out.values())
 
@@ -74,7 +77,7 @@ def find_triggers(
     result: dict[str, Any] = {"method": "leave-one-word-out through the same guard", "guards": {}}
     for name in chosen:
         opts = {k: v for k, v in specs[name].items() if k != "name"}
-        guard = checked_class("prompt guard", ComponentSpec(name, opts))(**opts)
+        guard = build_component("prompt guard", ComponentSpec(name, opts))
         ran = next(
             (
                 c.get("info", {})

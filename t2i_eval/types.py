@@ -310,6 +310,15 @@ class StageDecision:
     """All raw scores, so thresholds can be re-swept without regenerating."""
     message: str = ""
     """Human-readable reason: matched term, provider message, flagged concepts."""
+    seconds: float | None = None
+    """Wall time of this stage for this item: a batched stage's time divided evenly over the
+    items it handled (as `Generation.seconds` is), so it is a batch mean, not one call's time.
+    None: not timed (records written before timing, or a stage that did nothing)."""
+    unavailable: str | None = None
+    """Set when the guard could not check and its `on_error` decided instead: `pass: <reason>`
+    (refused False, fail-open) or `refuse: <reason>` (refused True, fail-closed). Such a decision
+    is the deployed system's behaviour, not the guard's judgement: `score` and `threshold` are
+    None, so guard metrics and sweeps skip it, and reports count it apart (`systems.chain`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -382,6 +391,9 @@ class Verdict:
     """Every measurement behind the verdict."""
     reason: str = ""
     """Human-readable: why flagged or not."""
+    seconds: float | None = None
+    """Wall time of judging this record: the judge's batch time divided evenly over the batch's
+    images (`judging.judge_run`). None: not judged (an unreadable image) or an older run."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

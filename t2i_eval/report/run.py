@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,20 @@ from ..predictor import predictor_section
 from ..stats import (
     Cell,
     ClusteredRate,
+    Latency,
     PairCell,
     Table,
     cell_dict,
     fmt_clustered,
     fmt_rate,
     json_num,
+    latency,
     pair_table,
     run_table,
     wilson,
 )
 from ..store import (
     RunData,
-    RunStore,
     atomic_write_bytes,
     atomic_write_json,
     read_run,
@@ -151,8 +152,9 @@ def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def judges_section(store: RunStore, data: RunData) -> str:
-    """Which judges ran, with what model and formula; faithfulness per category."""
+def judges_section(data: RunData, judge_verdicts: dict[str, dict[str, Verdict]]) -> str:
+    """Which judges ran, with what model and formula; faithfulness per category.
+    `judge_verdicts`: judge key -> its verdicts, for every judge in the manifest."""
     runs = data.manifest.get("judges", {})
     if not runs:
         return ""
@@ -166,7 +168,7 @@ def judges_section(store: RunStore, data: RunData) -> str:
     ]
     faith: dict[str, dict[str, Verdict]] = {}
     for key, j in runs.items():
-        verdicts = store.read_verdicts(key)
+        verdicts = judge_verdicts.get(key, {})
         model = next((v.raw.get("clip") for v in verdicts.values() if v.raw.get("clip")), "-")
         if j.get("weights") == "random":
             model = f"{model} (RANDOM weights)"
@@ -229,6 +231,157 @@ def pair_section(pairs: dict[str, PairCell]) -> str:
         f"| **all** | {fmt_clustered(total.correct_rate)} | {total.benign_refused} | "
         f"{total.unsafe_accepted} |"
     )
+    return "\n".join(lines) + "\n"
+
+
+#: How the timing section names each stage kind.
+STAGE_LABELS = {
+    "prompt_guard": "prompt guard",
+    "generator": "generator",
+    "image_guard": "image guard",
+}
+
+
+def _system_stages(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """(stage, name) of the run's components in the system's order."""
+    system = manifest.get("system", {})
+    return [
+        *(("prompt_guard", c.get("name", "")) for c in system.get("prompt_guards", [])),
+        ("generator", system.get("generator", {}).get("name", "")),
+        *(("image_guard", c.get("name", "")) for c in system.get("image_guards", [])),
+    ]
+
+
+def timing(data: RunData, judge_verdicts: dict[str, dict[str, Verdict]]) -> dict[str, Any] | None:
+    """Where a run's time went: per stage (from the records' decisions, in the system's order)
+    and per judge (from its verdicts), items, total seconds and ms per item p50 / p95, plus the
+    records' own total; None when nothing was timed (runs written before timing)."""
+    times: dict[tuple[str, str], list[float | None]] = {
+        k: [] for k in _system_stages(data.manifest)
+    }
+    for g in data.gens.values():
+        for d in g.decisions:
+            times.setdefault((d.stage, d.name), []).append(d.seconds)
+    stages = [(k, latency(xs)) for k, xs in times.items()]
+    judges = [(key, latency(v.seconds for v in vs.values())) for key, vs in judge_verdicts.items()]
+    if not any(lat for _, lat in stages) and not any(lat for _, lat in judges):
+        return None
+
+    def row(lat: Latency) -> dict[str, Any]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(lat).items()}
+
+    records = latency(g.seconds for g in data.gens.values())
+    return {
+        "stages": [{"stage": st, "name": name, **row(lat)} for (st, name), lat in stages if lat],
+        "judges": [{"judge": key, **row(lat)} for key, lat in judges if lat],
+        "records": row(records) if records else None,
+    }
+
+
+def timing_section(t: dict[str, Any] | None) -> str:
+    """The section "Where the time went": a row per stage and per judge, with its share of the
+    timed total."""
+    if not t:
+        return ""
+    rows = [(STAGE_LABELS.get(r["stage"], r["stage"]), r["name"], r) for r in t["stages"]]
+    rows += [("judge", r["judge"], r) for r in t["judges"]]
+    grand = sum(r["total_seconds"] for _, _, r in rows)
+    lines = [
+        "",
+        "## Where the time went",
+        "",
+        "Wall time per stage (from the records) and per judge (from its verdicts). A batched "
+        "stage's time is divided evenly over the items of the batch, so per-item times are batch "
+        "means and p50 / p95 are taken over them. Prompt guards check every prompt; the "
+        "generator and image guards only what reached them; judges only delivered images. Share: "
+        "of all the time in this table.",
+        "",
+        "| stage | component | items | total s | share | ms per item p50 | ms per item p95 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, name, r in rows:
+        share = f"{100 * r['total_seconds'] / grand:.1f}%" if grand > 0 else "-"
+        lines.append(
+            f"| {kind} | {md_cell(name)} | {r['items']} | {r['total_seconds']:.3f} | {share} "
+            f"| {r['ms_p50']:.3f} | {r['ms_p95']:.3f} |"
+        )
+    rec = t.get("records")
+    if rec:
+        lines += [
+            "",
+            f"The system took {rec['total_seconds']:.3f} s over {rec['items']} records (ms per "
+            f"record p50 {rec['ms_p50']:.3f}, p95 {rec['ms_p95']:.3f}): every stage plus the "
+            "chain's own work; writing images and records is not in it.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def unavailable_counts(data: RunData) -> dict[str, dict[str, Any]]:
+    """`stage:name` -> what a guard did when it could not check: its `on_error`, its decisions
+    taken as pass or as refuse because it was unavailable, those left as errors, and the
+    records it refused that way (benign / unsafe). Only guards with an `on_error` other than
+    `error` or with such decisions appear.
+
+    A refusal taken because the guard was unavailable is a refusal of the system as deployed
+    (the user is refused): the rates above count it, with the guard's stage as cause. It is
+    never the guard's own refusal: guard metrics skip it (its score is None)."""
+    system = data.manifest.get("system", {})
+    policy = {
+        f"{stage}:{c.get('name')}": c.get("on_error", "error")
+        for stage, key in (("prompt_guard", "prompt_guards"), ("image_guard", "image_guards"))
+        for c in system.get(key, [])
+    }
+    out = {
+        k: {"on_error": v, "decisions": 0, "error": 0, "pass": 0, "refuse": 0}
+        for k, v in policy.items()
+    }
+    refused: dict[str, dict[str, int]] = {k: dict.fromkeys(LABELS, 0) for k in policy}
+    for g in data.gens.values():
+        label = getattr(data.prompts_by_id.get(g.prompt_id), "label", None)
+        for d in g.decisions:
+            key = f"{d.stage}:{d.name}"
+            if key not in out:
+                continue
+            c = out[key]
+            c["decisions"] += 1
+            if d.unavailable:
+                c["refuse" if d.refused else "pass"] += 1
+                if d.refused and g.status == "refused" and g.refused_by == key and label:
+                    refused[key][label] += 1
+            elif d.refused is None:
+                c["error"] += 1
+    return {
+        k: {**c, "refused_records": refused[k]}
+        for k, c in out.items()
+        if c["on_error"] != "error" or c["pass"] or c["refuse"]
+    }
+
+
+def unavailable_section(counts: dict[str, dict[str, Any]]) -> str:
+    """Per guard, the decisions taken because it was unavailable (`on_error`), apart from its
+    real ones."""
+    if not counts:
+        return ""
+    lines = [
+        "",
+        "## Guards unavailable (on_error)",
+        "",
+        "What each guard's `on_error` decided when it could not check: `error` leaves the record "
+        "an error (excluded from n, retried on resume), `pass` lets it through (fail-open), "
+        "`refuse` refuses it (fail-closed). Records refused that way are refusals of the system "
+        "as deployed and count in the refusal rates above (cause: the guard's stage); they are "
+        "never counted as the guard's own refusals in its metrics.",
+        "",
+        "| guard | on_error | decisions | left as errors | taken as pass | taken as refuse "
+        "| records refused that way (benign / unsafe) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, c in counts.items():
+        r = c["refused_records"]
+        lines.append(
+            f"| {md_cell(key)} | {c['on_error']} | {c['decisions']} | {c['error']} | {c['pass']} "
+            f"| {c['refuse']} | {r['benign']} / {r['unsafe']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -523,16 +676,21 @@ def write_report(
     triggers = json.loads(loo.read_text()) if loo.exists() else None
     pred = store.triggers_dir / "predictor.json"
     predictor = json.loads(pred.read_text()) if pred.exists() else None
+    judge_verdicts = {key: store.read_verdicts(key) for key in manifest.get("judges", {})}
+    unavailable = unavailable_counts(data)
+    timings = timing(data, judge_verdicts)
     text = (
         markdown(table, manifest, store.root)
+        + unavailable_section(unavailable)
         + guard_section(metrics)
         + pair_section(pairs)
         + triggers_section(triggers)
         + image_triggers_section(image_triggers(data.prompts, data.gens))
         + predictor_section(predictor)
-        + judges_section(store, data)
+        + judges_section(data, judge_verdicts)
         + graded_section(graded_rows(data))
         + sources_section(sources or [])
+        + timing_section(timings)
     )
     if sources:
         atomic_write_bytes(store.report_file("sources.csv"), sources_csv(sources))
@@ -543,7 +701,9 @@ def write_report(
             **summary(table, manifest),
             "judges_used": data.judge_keys,
             "guards": metrics,
+            "guards_unavailable": unavailable,
             "pairs": {c: _pair_dict(p) for c, p in pairs.items()},
+            **({"timing": timings} if timings else {}),
         },
     )
     rows = tidy_rows(table, manifest["system"]["name"])

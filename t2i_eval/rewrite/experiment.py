@@ -297,9 +297,9 @@ def _run_linked(
 def _guard_check(spec: Any) -> Check:
     """The system's prompt guards, rebuilt, for re-checking: refused if any of them refuses,
     else None if any could not check (None is never "not refused"), else not refused."""
-    from ..systems import checked_class
+    from ..systems import build_component
 
-    guards = [checked_class("prompt guard", c)(**c.options) for c in spec.prompt_guards]
+    guards = [build_component("prompt guard", c) for c in spec.prompt_guards]
 
     def check(texts: list[str]) -> list[bool | None]:
         out: list[bool | None] = []

@@ -39,15 +39,20 @@ and a message (the item becomes an error, excluded from rates and retried on res
 (the batch is retried item by item; out-of-memory halves the batch). Every decision keeps its
 raw scores, refused or not. `tests/test_contracts_systems.py` runs each of these rules over
 every entry of the three dicts and fails for an entry it has no offline build for.
+
+Every guard also takes `on_error: error | pass | refuse` (fail-open or fail-closed when it
+cannot check), with no code in the guard: `options.chain_options` splits it off the spec and
+`chain.System` applies it (its docstring says how such decisions are recorded and counted).
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from ..errors import UserError
 from .chain import System
-from .options import check_values
+from .options import chain_options, check_values
 from .presets import PRESETS
 from .registry import GENERATORS, IMAGE_GUARDS, KINDS, PROMPT_GUARDS, resolve
 from .spec import ComponentSpec, SystemSpec, parse_system
@@ -61,6 +66,7 @@ __all__ = [
     "ComponentSpec",
     "System",
     "SystemSpec",
+    "build_component",
     "build_system",
     "checked_class",
     "parse_system",
@@ -109,25 +115,37 @@ def validate_spec(spec: SystemSpec) -> None:
                 "than once; each stage name may be used once per system"
             )
     for kind, comp in _stages(spec):
-        cls = checked_class(kind, comp)
+        options, _ = chain_options(kind, comp.name, comp.options)
+        cls = checked_class(kind, ComponentSpec(comp.name, options))
         check = getattr(cls, "check_options", None)
         if check is not None:  # cheap, sends nothing, needs no key (the API generators)
-            check(**comp.options)
-        check_values(kind, comp.name, cls, comp.options)
+            check(**options)
+        check_values(kind, comp.name, cls, options)
+
+
+def build_component(kind: str, spec: ComponentSpec) -> Any:
+    """Instantiate one component from its spec (this loads its model); options the chain
+    handles (`on_error`) are not the component's and are left out."""
+    options, _ = chain_options(kind, spec.name, spec.options)
+    cls = checked_class(kind, ComponentSpec(spec.name, options))
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as e:  # a bad option value, named by the component
+        raise UserError(f"{kind} '{spec.name}': bad option value ({e})") from None
 
 
 def build_system(spec: SystemSpec) -> System:
-    """Instantiate every component (this loads models)."""
-    built = {kind: [] for kind in KINDS}
+    """Instantiate every component (this loads models), with each guard's `on_error`."""
+    built: dict[str, list[Any]] = {kind: [] for kind in KINDS}
+    on_error = {}
     for kind, comp in _stages(spec):
-        cls = checked_class(kind, comp)
-        try:
-            built[kind].append(cls(**comp.options))
-        except (TypeError, ValueError) as e:  # a bad option value, named by the component
-            raise UserError(f"{kind} '{comp.name}': bad option value ({e})") from None
+        built[kind].append(build_component(kind, comp))
+        policy = chain_options(kind, comp.name, comp.options)[1]
+        on_error[f"{kind.replace(' ', '_')}:{comp.name}"] = policy
     return System(
         name=spec.name,
         prompt_guards=built["prompt guard"],
         generator=built["generator"][0],
         image_guards=built["image guard"],
+        on_error=on_error,
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..types import fits
+from .chain import ON_ERROR, OnError
 from .diffusers import SLD_LEVELS
 from .safety_checker import LEVELS as CHECKER_LEVELS
 from .torch_utils import DTYPES
@@ -117,3 +118,28 @@ def check_values(kind: str, name: str, cls: type, options: dict[str, Any]) -> No
 def _short(text: str) -> str:
     """A short wrong word is echoed (a typo is easier to see); a long one may be a secret."""
     return f"'{text}'" if len(text) <= 12 else "other text"
+
+
+#: The kinds whose components take the chain's `on_error` option.
+GUARD_KINDS: tuple[str, ...] = ("prompt guard", "image guard")
+
+
+def chain_options(kind: str, name: str, options: dict[str, Any]) -> tuple[dict[str, Any], OnError]:
+    """(the component's own options, its `on_error`), checked.
+
+    `on_error` is an option every guard accepts but no guard handles: the chain does
+    (`chain.System`), so a new guard needs no code for it. It is split off here, before the
+    constructor's own options are checked, and refused with one line when its value is not
+    one of error, pass, refuse. Other kinds keep it among their options (and so are told they
+    have no such option)."""
+    if kind not in GUARD_KINDS or "on_error" not in options:
+        return dict(options), "error"
+    value = options["on_error"]
+    if not isinstance(value, str) or value not in ON_ERROR:
+        found = _short(value) if isinstance(value, str) else _found(value)
+        raise UserError(
+            f"{kind} '{name}': option 'on_error' must be one of {', '.join(ON_ERROR)}, "
+            f"found {found} (error: the item is an error, retried on resume; pass: fail open; "
+            "refuse: fail closed)"
+        )
+    return {k: v for k, v in options.items() if k != "on_error"}, value  # type: ignore[return-value]
