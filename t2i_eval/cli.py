@@ -237,7 +237,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .suite_spec import load_spec as load_suite_spec
     from .suite_spec import recipes, taxonomy_names
     from .suites import builtin_suites, load_suite
-    from .systems import GENERATORS, IMAGE_GUARDS, PRESETS, PROMPT_GUARDS
+    from .systems import GENERATORS, IMAGE_GUARDS, PRESETS, PROMPT_GUARDS, resolve
     from .systems.api import api_providers
     from .systems.presets import preset_needs
 
@@ -260,6 +260,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"prompt guards: {', '.join(PROMPT_GUARDS)}")
     print(f"generators:    {', '.join(GENERATORS)}  (diffusers:MODEL_ID_OR_FOLDER)")
     print(f"image guards:  {', '.join(IMAGE_GUARDS)}")
+    for kind, table in (("prompt guard", PROMPT_GUARDS), ("image guard", IMAGE_GUARDS)):
+        for name in table:
+            listing = getattr(resolve(kind, name), "listing", None)
+            if listing is not None:  # a guard that needs something: a key, weights, an extra
+                print(f"  {name:<16} ({kind}) {listing()}")
     print("image API providers (generator: default model; key variable, never written to disk):")
     for name, line in api_providers().items():
         print(f"  {name:<14} {line}")

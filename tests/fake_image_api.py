@@ -6,10 +6,14 @@ Routes, shaped like the real APIs (see t2i_eval/systems/api/ for the sources):
     POST /fal-ai/flux-pro/v1.1           fal FLUX1.1 [pro] (synchronous endpoint)
     POST /generic                        a made-up JSON API for the `http` adapter
     POST /v1/chat/completions            an OpenAI-compatible chat API (the `llm` rewriter)
+    POST /v1/moderations                 OpenAI moderation (texts in a batch, or one image)
     GET  /files/NAME.png                 image downloads (answers that carry a URL)
 
 The prompt carries its script: a prompt ending in `[r429,ok]` gets a 429 on its first request
 and `ok` on every later one (the last kind repeats). Every request is recorded in `seen`.
+Moderation inputs script their scores too, `{violence=0.8, flagged=true}` anywhere in the text
+(see `moderation_scores`); a batch plays the first input's kind that is not `ok`, and an image
+plays the script given to it with `FakeImageAPI.script_image`.
 Routing ignores the query string (the `http` adapter may send its key as `?key=...`).
 """
 
@@ -178,6 +182,8 @@ class FakeImageAPI:
     """`hold` answers wait until `hold_target` requests are in flight or `hold_timeout` passes."""
     seen: list[Seen] = field(default_factory=list)
     attempts: Counter = field(default_factory=Counter)
+    image_scripts: dict[str, str] = field(default_factory=dict)
+    """Moderation: an image's pixel digest (`image_digest`) -> the script text it plays."""
     max_inflight: int = 0
 
     def __post_init__(self) -> None:
@@ -203,6 +209,10 @@ class FakeImageAPI:
         self._stop.set()
         self._server.shutdown()
         self._server.server_close()
+
+    def script_image(self, image: Image.Image, script: str) -> None:
+        """The moderation route answers `image` as it would the text `script`."""
+        self.image_scripts[image_digest(image)] = script
 
     def requests_for(self, prompt: str) -> list[Seen]:
         return [s for s in self.seen if s.prompt == prompt]
@@ -284,6 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
             provider, prompt = "http", request["input"]["text"]
         elif route == "/v1/chat/completions":
             provider, prompt = "chat", request["messages"][-1]["content"]
+        elif route == "/v1/moderations":
+            self._moderations_post(body, request)
+            return
         else:
             self._record("unknown", body, None, "404")
             self._send(404, {"detail": f"no route {self.path}"})
@@ -291,6 +304,29 @@ class _Handler(BaseHTTPRequestHandler):
         kind = self.api._next_kind(prompt)
         self._record(provider, body, prompt, kind)
         self._answer(provider, kind, prompt, request)
+
+    def _moderations_post(self, body: bytes, request: dict) -> None:
+        """Each input advances its own script; the request plays the first kind that is not
+        `ok` (a 429 or 500 is for the whole request, as on the real endpoint)."""
+        texts = [self._moderation_text(x) for x in request["input"]]
+        kinds = [self.api._next_kind(t) for t in texts]
+        kind = next((k for k in kinds if k != "ok"), "ok")
+        self._record("moderation", body, "\n".join(texts), kind)
+        if kind == "r400":
+            err = {"message": "Invalid input", "type": "invalid_request_error", "code": None}
+            self._send(400, {"error": err})
+            return
+        self._answer("moderation", kind, texts, request)
+
+    def _moderation_text(self, part: Any) -> str:
+        """A text input as it is; an image part as the script given to its pixels."""
+        if isinstance(part, str):
+            return part
+        url = part["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,"), url[:40]
+        image = Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2])))
+        digest = image_digest(image)
+        return self.api.image_scripts.get(digest, f"an unscripted image {digest[:12]}")
 
     # -- the answers -----------------------------------------------------------------------
 
@@ -588,6 +624,21 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
 
+    def _moderation(self, kind: str, texts: list[str], request: dict) -> None:
+        """One result per input with its scripted scores (`moderation_scores`)."""
+        results = []
+        for text in texts:
+            scores, flagged = moderation_scores(text)
+            results.append(
+                {
+                    "flagged": flagged,
+                    "categories": {c: s >= 0.5 for c, s in scores.items()},
+                    "category_scores": scores,
+                    "category_applied_input_types": {c: ["text"] for c in scores},
+                }
+            )
+        self._send(200, {"id": "modr-1", "model": request["model"], "results": results})
+
     def _chat(self, kind: str, prompt: str, request: dict) -> None:
         """A rewrite that echoes the key in its text (raw, URL-quoted, base64 of `user:KEY`);
         it ends in `[ok]`, so the rewritten prompt plays `ok` on the image routes."""
@@ -595,6 +646,53 @@ class _Handler(BaseHTTPRequestHandler):
         b64 = base64.b64encode(f"user:{key}".encode()).decode()
         text = f"a calm harbour scene, token {key} {quote(key, safe='')} {b64} [ok]"
         self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+
+#: The categories the moderation route scores (as `omni-moderation-latest` does).
+MODERATION_CATEGORIES = (
+    "sexual",
+    "sexual/minors",
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "violence",
+    "violence/graphic",
+)
+
+
+def moderation_scores(text: str) -> tuple[dict[str, float], bool]:
+    """(category scores, flagged) scripted by `{cat=score, ..., flagged=true|false}` in `text`.
+
+    An unscripted category scores a small number derived from the text and category, strictly
+    between 0 and 0.01 (so a threshold of 0 refuses everything, the default nothing); an
+    unscripted `flagged` is whether any score reaches 0.5."""
+    scripted: dict[str, str] = {}
+    for block in re.findall(r"\{([^{}]*)\}", text):
+        for pair in block.split(","):
+            key, _, value = pair.partition("=")
+            scripted[key.strip()] = value.strip()
+    scores = {}
+    for c in MODERATION_CATEGORIES:
+        if c in scripted:
+            scores[c] = float(scripted[c])
+        else:
+            h = int.from_bytes(hashlib.sha256(f"{text}|{c}".encode()).digest()[:4], "little")
+            scores[c] = 0.0001 + (h % 9000) / 1_000_000
+    if "flagged" in scripted:
+        return scores, scripted["flagged"] == "true"
+    return scores, any(s >= 0.5 for s in scores.values())
+
+
+def image_digest(image: Image.Image) -> str:
+    """An image's identity by its pixels (not its file bytes: the guard encodes it anew)."""
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 
 _B64TYPE: dict[str, Any] = {

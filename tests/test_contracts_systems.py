@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from fake_image_api import FakeImageAPI
 from PIL import Image
-from tiny_parts import checker_copy, save_tiny_classifier
+from tiny_parts import checker_copy, save_tiny_classifier, save_tiny_vit
 
 from t2i_eval.net import redact_options
 from t2i_eval.systems import KINDS, checked_class, validate_spec
@@ -194,6 +194,44 @@ VARIANTS = [
         {"a red apple": "ok", "a green field": "ok"},
         tag="flags none",
         needs=TORCH,
+    ),
+    *(  # random weights: 0 < P(nsfw) < 1, so the threshold scripts the outcome
+        Variant(
+            "image guard",
+            "image-classifier",
+            lambda e, t=t: {
+                "model": e._once("vit", lambda: save_tiny_vit(e.root / "vit")),
+                "weights": "random",
+                "device": "cpu",
+                "threshold": t,
+            },
+            {"a red apple": want, "a green field": want},
+            tag=f"threshold {t:g}",
+            needs=("torch", "transformers"),
+        )
+        for t, want in ((0.0, "refused"), (1.0, "ok"))
+    ),
+    # the moderation route scripts scores in the text; unscripted ones lie in (0, 0.01)
+    Variant(
+        "prompt guard",
+        "moderation",
+        lambda e: {"base_url": f"{e.url}/v1", "api_key_env": KEY_ENV, **FAST},
+        {"a calm lake": "ok", "a brawl {violence=0.9}": "refused", "bad input [r400]": "error"},
+        tag="text",
+    ),
+    Variant(
+        "image guard",
+        "moderation",
+        lambda e: {"base_url": f"{e.url}/v1", "api_key_env": KEY_ENV, "threshold": 0.0, **FAST},
+        {"a red apple": "refused", "a green field": "refused"},
+        tag="image, threshold 0",
+    ),
+    Variant(
+        "image guard",
+        "moderation",
+        lambda e: {"base_url": f"{e.url}/v1", "api_key_env": KEY_ENV, **FAST},
+        {"a red apple": "ok", "a green field": "ok"},
+        tag="image",
     ),
 ]
 IDS = [v.id for v in VARIANTS]

@@ -56,3 +56,30 @@ def checker_copy(tiny_dir: Path, dest_root: Path, weight: float) -> Path:
     checker.save_pretrained(dest / "safety_checker")
     shutil.copytree(tiny_dir / "feature_extractor", dest / "feature_extractor")
     return dest
+
+
+VIT_LABELS = {0: "normal", 1: "nsfw"}
+"""The tiny ViT's labels (the shape of Falconsai/nsfw_image_detection)."""
+
+
+def save_tiny_vit(dest: Path) -> Path:
+    """A random-weight ViT image classifier (labels normal/nsfw, the shape of
+    Falconsai/nsfw_image_detection) and its image processor at `dest`."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        id2label=VIT_LABELS,
+        label2id={v: k for k, v in VIT_LABELS.items()},
+    )
+    ViTForImageClassification(config).save_pretrained(dest, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dest)
+    return dest

@@ -72,6 +72,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "needs": _needs(extra="guards"),
         "about": "every offline text guard in a row, no generation (guards-only)",
     },
+    "openai-moderation": {
+        "prompt_guards": ["moderation"],
+        "generator": "guards-only",
+        "needs": _needs(key_env="OPENAI_API_KEY"),
+        "about": "OpenAI moderation endpoint (omni-moderation-latest) on each prompt, no generation",
+    },
     "sd-1.5": _open_weights(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         steps=50,

@@ -16,6 +16,7 @@ PROMPT_GUARDS: dict[str, str] = {
     "profanity": "t2i_eval.systems.text_guards:ProfanityGuard",
     "concept": "t2i_eval.systems.text_guards:ConceptGuard",
     "classifier": "t2i_eval.systems.text_guards:ClassifierGuard",
+    "moderation": "t2i_eval.systems.moderation:ModerationPromptGuard",
 }
 GENERATORS: dict[str, str] = {
     "fake": "t2i_eval.systems.fake:FakeGenerator",
@@ -29,6 +30,8 @@ GENERATORS: dict[str, str] = {
 }
 IMAGE_GUARDS: dict[str, str] = {
     "safety_checker": "t2i_eval.systems.safety_checker:SafetyCheckerGuard",
+    "moderation": "t2i_eval.systems.moderation:ModerationImageGuard",
+    "image-classifier": "t2i_eval.systems.image_classifier:ImageClassifierGuard",
 }
 
 KINDS: dict[str, dict[str, str]] = {
