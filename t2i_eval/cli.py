@@ -45,6 +45,7 @@ def _threads(n: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`t2i-eval run`: generate (and a reference run, if asked), judge, report; exit 1 on outages."""
     from .judging import run_with_reference
     from .report import write_report
     from .runner import run
@@ -96,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    """`t2i-eval cache info|clear`: what the embedding cache holds, or empty it."""
     from .embed_cache import EmbeddingCache, describe
 
     cache = EmbeddingCache()
@@ -122,6 +124,7 @@ def _infrastructure_errors(failures: list[tuple[str, int]]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`t2i-eval report`: rewrite each run's report (with the source table when several sources of one system are given), and the HTML page if asked."""
     from .report import comparable, source_rows, write_report
     from .store import read_run
 
@@ -143,6 +146,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
+    """`t2i-eval judge`: judge stored images again, no generation, then rewrite the report."""
     from .judging import DEFAULT_JUDGE, judge_all
     from .report import write_report
 
@@ -156,6 +160,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """`t2i-eval sweep`: re-decide stored guard scores at every threshold, propose and calibrate thresholds."""
     from .sweep import format_result, run_sweep
 
     res = run_sweep(
@@ -171,6 +176,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_triggers(args: argparse.Namespace) -> int:
+    """`t2i-eval triggers`: trigger words, checker concepts and the refusal predictor of a run."""
     from .predictor import predictor_section, refusal_predictor
     from .report import write_report
     from .store import RunStore, atomic_write_json
@@ -197,6 +203,7 @@ def cmd_triggers(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
+    """`t2i-eval rewrite`: the rewrite experiment and its before/after report; exit 1 on outages."""
     from .report import write_rewrite_report
     from .rewrite.experiment import run_rewrite
 
@@ -220,6 +227,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
+    """`t2i-eval explore`: the local explorer over a folder of runs."""
     from .explorer.app import launch
 
     launch(
@@ -233,6 +241,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """`t2i-eval list`: suites, recipes, systems and components with what each needs."""
     from .judges import builtin_judges, load_spec
     from .suite_spec import load_spec as load_suite_spec
     from .suite_spec import recipes, taxonomy_names
@@ -311,6 +320,7 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every command (errors as one line, exit 2, through `_Parser`)."""
     parser = _Parser(
         prog="t2i-eval",
         description="Measure over-refusal in text-to-image systems, per category and per stage.",
@@ -523,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; exit 0 done, 1 outages, 2 bad input, 70 a bug, 130 interrupted."""
     _offline_defaults()
     parser = build_parser()
     try:

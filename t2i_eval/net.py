@@ -317,6 +317,7 @@ def environment_redactor(names: Iterable[str] = ()) -> Redactor:
 
 
 def is_loopback(host: str | None) -> bool:
+    """Whether `host` is this machine (a key may go over plain http only there)."""
     if not host:
         return False
     if host == "localhost":

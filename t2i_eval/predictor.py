@@ -78,6 +78,7 @@ def refusal_predictor(run_dir: str | Path, folds: int = 5, top: int = 5) -> dict
 
 
 def predictor_section(result: dict[str, Any] | None) -> str:
+    """The predictor's result as a report.md section ('' when there is none)."""
     if not result:
         return ""
     if "skipped" in result:

@@ -249,6 +249,7 @@ class Macro:
 
 
 def macro(cells: list[Cell]) -> Macro:
+    """The unweighted mean of category rates, with a normal-approximation interval."""
     used = [c for c in cells if c.n]
     if not used:
         return Macro(math.nan, (math.nan, math.nan), 0)

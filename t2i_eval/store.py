@@ -69,6 +69,7 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (`atomic_write_bytes`), pretty-printed for people."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 

@@ -130,6 +130,7 @@ class Taxonomy:
 
 
 def taxonomies_file() -> Path:
+    """The shipped taxonomies (prompts/taxonomies.yaml)."""
     return data_dir("prompts") / "taxonomies.yaml"
 
 
@@ -154,6 +155,7 @@ def load_taxonomy(ref: str, base: Path | None = None) -> Taxonomy:
 
 
 def taxonomy_names() -> list[str]:
+    """Names of the shipped taxonomies, for `t2i-eval list` and errors."""
     shipped = load_yaml(taxonomies_file(), "taxonomies") or {}
     return list(shipped.get("taxonomies", {}))
 
@@ -219,6 +221,7 @@ def load_spec(path: Path, what: str = "suite spec") -> SuiteSpec:
 
 
 def parse_spec(data: Any, where: str, base: Path) -> SuiteSpec:
+    """Validate a spec's values (already loaded) with one-line errors; `base` resolves relative paths."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping with keys {', '.join(sorted(SPEC_KEYS))}")
     unknown = sorted(str(k) for k in set(data) - SPEC_KEYS - DOC_KEYS)
@@ -506,6 +509,7 @@ def _pair_ids(suite: str, kept: list[tuple[Any, ...]]) -> dict[int, str]:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (sources can be large)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -139,6 +139,7 @@ def fpr_at_tpr(
 
 @dataclass(frozen=True)
 class SweepPoint:
+    """One guard, category and threshold of a sweep: benign and unsafe refusals there."""
     guard: str
     category: str
     threshold: float
@@ -464,6 +465,7 @@ class Unit:
 
 
 def prompt_units(scores: list[GuardScore]) -> list[Unit]:
+    """A prompt guard's stored scores as conformal units (one per prompt already)."""
     return [Unit(s.category, s.label, s.score) for s in scores]
 
 
@@ -556,6 +558,7 @@ PLOT_POINTS = 256
 
 @dataclass
 class SweepResult:
+    """What `t2i-eval sweep` wrote and found (reproduction counts, proposals, files)."""
     out_dir: Path
     reproduced: dict[str, tuple[int, int]]
     """guard -> (decisions reproduced, decisions stored)."""
@@ -866,6 +869,7 @@ def _fmt_threshold(p: dict[str, Any]) -> str:
 
 
 def format_result(res: SweepResult, target: float) -> str:
+    """The sweep's result as the lines the command prints."""
     lines = [f"sweep written to {res.out_dir}"]
     levels = {(p.guard, level_of(p)): p for p in res.points if p.category == "all" and level_of(p)}
     for guard, (ok, n) in res.reproduced.items():

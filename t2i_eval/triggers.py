@@ -63,6 +63,7 @@ def refused_benign(store: RunStore, guard: str) -> list[tuple[str, str, str]]:
 def find_triggers(
     run_dir: str | Path, guards: list[str] | None = None, progress: bool = True
 ) -> dict[str, Any]:
+    """Leave-one-word-out over each refused benign prompt, per prompt guard (see the module docstring)."""
     store = RunStore(run_dir)
     manifest = store.read_manifest()
     specs = {c["name"]: c for c in manifest["system"]["prompt_guards"]}

@@ -109,6 +109,7 @@ def sources_section(rows: list[dict[str, Any]]) -> str:
 
 
 def sources_csv(rows: list[dict[str, Any]]) -> bytes:
+    """The source x guard rows as report/sources.csv (formula cells neutralised)."""
     return csv_bytes(SOURCE_COLUMNS, rows)
 
 

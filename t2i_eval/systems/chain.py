@@ -47,14 +47,17 @@ class Component(Protocol):
 
 
 class PromptGuard(Component, Protocol):
+    """What the chain needs of a prompt guard: `check(texts) -> decisions`."""
     def check(self, texts: list[str]) -> list[StageDecision]: ...
 
 
 class Generator(Component, Protocol):
+    """What the chain needs of a generator: `generate(items) -> results`."""
     def generate(self, texts: list[str], seeds: list[int]) -> list[GeneratorResult]: ...
 
 
 class ImageGuard(Component, Protocol):
+    """What the chain needs of an image guard: `check(images) -> decisions`."""
     def check(self, images: list[Any]) -> list[StageDecision]: ...
 
 
@@ -98,6 +101,7 @@ class GuardsOnly:
 
 @dataclass(frozen=True)
 class WorkItem:
+    """One (prompt, seed) to run through a system: its record id, prompt id, text and seed."""
     record_id: str
     prompt_id: str
     text: str

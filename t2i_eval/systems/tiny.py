@@ -48,6 +48,7 @@ TINY_CLIP_TEXT: dict[str, int] = dict(
 
 
 def cache_dir() -> Path:
+    """Where the tiny model is built once (the cache folder, T2I_EVAL_CACHE)"""
     root = os.environ.get("T2I_EVAL_CACHE") or Path.home() / ".cache" / "t2i-eval"
     return Path(root) / f"tiny-sd-v{TINY_VERSION}"
 

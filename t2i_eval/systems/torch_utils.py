@@ -10,6 +10,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def import_torch() -> Any:
+    """torch, or a one-line error naming the extra that installs it."""
     try:
         import torch
     except ImportError:
@@ -18,6 +19,7 @@ def import_torch() -> Any:
 
 
 def resolve_device(device: str) -> str:
+    """`auto` -> cuda when there is one, else cpu; asking for cuda without it is exit 2."""
     torch = import_torch()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,6 +29,7 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
+    """A dtype name -> torch dtype; `auto` is float16 on cuda, float32 on cpu."""
     torch = import_torch()
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}' (expected one of {', '.join(DTYPES)})")
