@@ -32,17 +32,20 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import UserError, did_you_mean
-from ..net import HttpClient, Redactor, Response, TransientError, check_url, redact_options
+from ..net import Redactor, Response, TransientError, check_url, redact_options
 from ..suite_spec import load_taxonomy
 from ..types import StageDecision, StageKind
 from .api.base import (
     _CHECK_ONLY,
     JSON_HEADERS,
     Options,
-    _world_size,
+    build_checked,
+    check_transport,
     env_secret,
     error_fields,
     read_key,
+    transport_client,
+    transport_info,
 )
 from .thresholds import check_file_option, file_info, read_thresholds, scalar_threshold
 
@@ -143,15 +146,7 @@ class _Moderation:
         if self.checking:
             return
         self.overt = load_taxonomy(TAXONOMY)
-        self.client = HttpClient(
-            f"{self.name} {self.stage.replace('_', ' ')}",
-            timeout=self.timeout,
-            max_attempts=self.max_attempts,
-            backoff=self.backoff,
-            max_backoff=self.max_backoff,
-            rpm=self.rpm / _world_size() if self.rpm else None,
-            concurrency=self.concurrency,
-        )
+        self.client = transport_client(f"{self.name} {self.stage.replace('_', ' ')}", self)
         if self.api_key_env:
             read_key(self.api_key_env, self.name)  # missing or damaged: say so before any work
 
@@ -179,13 +174,7 @@ class _Moderation:
                 self._probability(v, f"thresholds.{key}", value)
         elif self.thresholds is not None and not isinstance(self.thresholds, str):
             raise v.fail("thresholds", "a mapping CATEGORY: THRESHOLD or a file", self.thresholds)
-        v.number("timeout", self.timeout, minimum=0, above=True)
-        v.integer("max_attempts", self.max_attempts, minimum=1)
-        v.number("backoff", self.backoff, minimum=0)
-        v.number("max_backoff", self.max_backoff, minimum=0)
-        if self.rpm is not None:
-            v.number("rpm", self.rpm, minimum=0, above=True)
-        v.integer("concurrency", self.concurrency, minimum=1)
+        check_transport(v, self)
         check_url(self.base_url, f"{self.name}: base_url", secret=bool(self.api_key_env))
 
     @staticmethod
@@ -200,13 +189,7 @@ class _Moderation:
         key and building no client: run before any run directory exists."""
         if isinstance(options.get("thresholds"), str):
             check_file_option(cls.name, options)
-        token = _CHECK_ONLY.set(True)
-        try:
-            cls(**options)
-        except TypeError as e:  # a wrong-typed value the checks above did not name
-            raise UserError(f"{cls.name}: bad option value ({e})") from None
-        finally:
-            _CHECK_ONLY.reset(token)
+        build_checked(cls, options)
 
     @property
     def checking(self) -> bool:
@@ -231,15 +214,7 @@ class _Moderation:
                 "thresholds": self.per_category,
                 "taxonomy": TAXONOMY,
                 "rule": "refuse when any category score > its threshold (the API's flagged is kept, not used)",
-                "transport": {
-                    "timeout": self.timeout,
-                    "max_attempts": self.max_attempts,
-                    "backoff": self.backoff,
-                    "max_backoff": self.max_backoff,
-                    "rpm": self.rpm,
-                    "processes": _world_size(),
-                    "concurrency": self.concurrency,
-                },
+                "transport": transport_info(self),
                 **self._info_extra(),
                 **file_info(self.from_file),
             }

@@ -207,6 +207,56 @@ class Options:
         return value
 
 
+def check_transport(v: Options, c: Any) -> None:
+    """The HTTP settings' values (timeout, attempts, backoff, rpm, concurrency) in range."""
+    v.number("timeout", c.timeout, minimum=0, above=True)
+    v.integer("max_attempts", c.max_attempts, minimum=1)
+    v.number("backoff", c.backoff, minimum=0)
+    v.number("max_backoff", c.max_backoff, minimum=0)
+    if c.rpm is not None:
+        v.number("rpm", c.rpm, minimum=0, above=True)
+    v.integer("concurrency", c.concurrency, minimum=1)
+
+
+def transport_client(name: str, c: Any) -> HttpClient:
+    """The HTTP client of an API-backed component; `rpm` is the run's whole budget, so each
+    of the run's processes paces at rpm / WORLD_SIZE."""
+    return HttpClient(
+        name,
+        timeout=c.timeout,
+        max_attempts=c.max_attempts,
+        backoff=c.backoff,
+        max_backoff=c.max_backoff,
+        rpm=c.rpm / _world_size() if c.rpm else None,
+        concurrency=c.concurrency,
+    )
+
+
+def transport_info(c: Any) -> dict[str, Any]:
+    """The HTTP settings an API-backed component runs with, for its manifest entry."""
+    return {
+        "timeout": c.timeout,
+        "max_attempts": c.max_attempts,
+        "backoff": c.backoff,
+        "max_backoff": c.max_backoff,
+        "rpm": c.rpm,
+        "processes": _world_size(),
+        "concurrency": c.concurrency,
+    }
+
+
+def build_checked(cls: Any, options: dict[str, Any]) -> None:
+    """Build `cls(**options)` only to check the values: no key read, no client built (every
+    API-backed component's `check_options`, run before any run directory exists)."""
+    token = _CHECK_ONLY.set(True)
+    try:
+        cls(**options)
+    except TypeError as e:  # a wrong-typed value the constructor's own checks did not name
+        raise UserError(f"{cls.name}: bad option value ({e})") from None
+    finally:
+        _CHECK_ONLY.reset(token)
+
+
 @dataclass(kw_only=True, eq=False)
 class ImageAPI:
     """Transport, placeholder check and decision plumbing shared by every image API."""
@@ -235,26 +285,12 @@ class ImageAPI:
 
     def __post_init__(self) -> None:
         v = Options(self.name)
-        v.number("timeout", self.timeout, minimum=0, above=True)
-        v.integer("max_attempts", self.max_attempts, minimum=1)
-        v.number("backoff", self.backoff, minimum=0)
-        v.number("max_backoff", self.max_backoff, minimum=0)
-        if self.rpm is not None:
-            v.number("rpm", self.rpm, minimum=0, above=True)
-        v.integer("concurrency", self.concurrency, minimum=1)
+        check_transport(v, self)
         v.boolean("placeholder", self.placeholder)
         self._validate(v)
         if self.checking:
             return
-        self.client = HttpClient(
-            self.name,
-            timeout=self.timeout,
-            max_attempts=self.max_attempts,
-            backoff=self.backoff,
-            max_backoff=self.max_backoff,
-            rpm=self.rpm / _world_size() if self.rpm else None,
-            concurrency=self.concurrency,
-        )
+        self.client = transport_client(self.name, self)
 
     @classmethod
     def listing(cls) -> str:
@@ -268,13 +304,7 @@ class ImageAPI:
 
         Called by `validate_spec` before any run directory exists, so a bad value (a literal
         key above all) is rejected before the spec is written into a manifest."""
-        token = _CHECK_ONLY.set(True)
-        try:
-            cls(**options)
-        except TypeError as e:  # a wrong-typed value the checks above did not name
-            raise UserError(f"{cls.name}: bad option value ({e})") from None
-        finally:
-            _CHECK_ONLY.reset(token)
+        build_checked(cls, options)
 
     @property
     def checking(self) -> bool:
@@ -333,15 +363,7 @@ class ImageAPI:
             "options": self._options(),
             "sends_seed": self.sends_seed,
             "placeholder_check": self.placeholder,
-            "transport": {
-                "timeout": self.timeout,
-                "max_attempts": self.max_attempts,
-                "backoff": self.backoff,
-                "max_backoff": self.max_backoff,
-                "rpm": self.rpm,
-                "processes": _world_size(),
-                "concurrency": self.concurrency,
-            },
+            "transport": transport_info(self),
         }
 
     def generate(self, texts: list[str], seeds: list[int]) -> list[GeneratorResult]:
