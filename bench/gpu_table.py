@@ -43,6 +43,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# an importable t2i_eval (a pinned copy on PYTHONPATH, an install) wins over this checkout
+sys.path.append(str(ROOT))
+from t2i_eval.systems.tiny import TINY_CLIP_VISION  # noqa: E402  (import-light: no torch)
+
 ASSETS = ROOT / "bench" / "_gpu_assets"  # git-ignored; travels to the GPU machine via `carry`
 TOKENIZER_DIR = ASSETS / "tokenizer"
 DEFAULT_JSON = ROOT / "docs" / "gpu_table.json"
@@ -158,15 +162,7 @@ TINY: dict[str, Any] = dict(
         num_hidden_layers=2,
         projection_dim=32,
     ),
-    vision=dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        image_size=32,
-        patch_size=4,
-        projection_dim=32,
-    ),
+    vision=TINY_CLIP_VISION,
     projection_dim=32,
     processor=dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
     size=64,
@@ -709,8 +705,6 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="scratch folder for models and runs")
     ap.add_argument("--save-tokenizer", action="store_true", help=f"write {TOKENIZER_DIR} and exit")
     args = ap.parse_args()
-    # an importable t2i_eval (a pinned copy on PYTHONPATH, an install) wins over this checkout
-    sys.path.append(str(ROOT))
     if args.save_tokenizer:
         print(f"written: {save_tokenizer()}")
         return 0

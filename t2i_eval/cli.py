@@ -45,7 +45,8 @@ def _threads(n: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """`t2i-eval run`: generate (and a reference run, if asked), judge, report; exit 1 on outages."""
+    """`t2i-eval run`: generate (and a reference run, if asked), judge, report; exit 1 on
+    outages."""
     from .judging import run_with_reference
     from .report import write_report
     from .runner import run
@@ -124,7 +125,8 @@ def _infrastructure_errors(failures: list[tuple[str, int]]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """`t2i-eval report`: rewrite each run's report (with the source table when several sources of one system are given), and the HTML page if asked."""
+    """`t2i-eval report`: rewrite each run's report (with the source table when several
+    sources of one system are given), and the HTML page if asked."""
     from .report import comparable, source_rows, write_report
     from .store import read_run
 
@@ -132,10 +134,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .report import check_html_out
 
         check_html_out(args.html_out)  # before report.md is rewritten
-    runs = [read_run(d) for d in args.run_dirs] if len(args.run_dirs) > 1 else []
+    runs = [read_run(d) for d in args.run_dirs]
     sources = source_rows(runs) if comparable(runs) else None
-    for run_dir in args.run_dirs:
-        text = write_report(run_dir, by=args.by, sources=sources)
+    for run_dir, data in zip(args.run_dirs, runs, strict=True):
+        text = write_report(run_dir, by=args.by, sources=sources, data=data)
         if not args.html:
             print(text)
     if args.html:
@@ -160,7 +162,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """`t2i-eval sweep`: re-decide stored guard scores at every threshold, propose and calibrate thresholds."""
+    """`t2i-eval sweep`: re-decide stored guard scores at every threshold, propose and
+    calibrate thresholds."""
     from .sweep import format_result, run_sweep
 
     res = run_sweep(

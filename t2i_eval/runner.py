@@ -70,7 +70,8 @@ def select(suite: Suite, limit: int | None = None, per_category: int | None = No
 def plan(
     suite: Suite, seeds: int, limit: int | None, per_category: int | None = None
 ) -> list[WorkItem]:
-    """Every (prompt, seed) work item of a run, in a fixed order, so reruns resume the same items."""
+    """Every (prompt, seed) work item of a run, in a fixed order, so reruns resume the same
+    items."""
     prompts = select(suite, limit, per_category)
     return [WorkItem(record_id(p.id, s), p.id, p.text, s) for p in prompts for s in range(seeds)]
 

@@ -386,7 +386,7 @@ def build_prompts(
         if pattern is not None and pair_id is None:
             drops.add("unpaired twin")
             continue
-        given = _id(where, row.get(cols["id"])) if "id" in cols else None
+        given = source_id(where, row.get(cols["id"])) if "id" in cols else None
         pid = given or content_id(text, category, label, *([pair_id] if pair_id else []))
         p = Prompt(pid, text, category, label, pair_id=pair_id, source=where, meta=meta)  # type: ignore[arg-type]
         prev = seen.get(pid)
@@ -479,15 +479,22 @@ def _label(
     return None
 
 
-def _id(where: str, value: Any) -> str | None:
+#: Longest id a suite may give a prompt; ids are keys, not text.
+MAX_ID = 200
+
+
+def source_id(where: str, value: Any, key: str = "id") -> str | None:
+    """A source's id cell as text (None when absent). Numbers are fine; lists, objects,
+    booleans and very long values are not (an int is measured before `str`, which refuses
+    more than 4,300 digits)."""
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise UserError(f"{where}: id must be text or a number, found {type(value).__name__}")
-    text = str(value).strip() if not isinstance(value, int) or abs(value) < 10**200 else "x" * 201
-    if len(text) > 200:
-        raise UserError(f"{where}: id is longer than 200 characters")
-    return text or None
+        raise UserError(f"{where}: '{key}' must be text or a number, found {type(value).__name__}")
+    too_long = abs(value) >= 10**MAX_ID if isinstance(value, int) else len(str(value)) > MAX_ID
+    if too_long:
+        raise UserError(f"{where}: '{key}' is longer than {MAX_ID} characters; ids are short keys")
+    return str(value).strip() or None
 
 
 def _pair_ids(suite: str, kept: list[tuple[Any, ...]]) -> dict[int, str]:

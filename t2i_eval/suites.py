@@ -26,6 +26,7 @@ from .suite_spec import (
     load_spec,
     normalize_category,
     recipes,
+    source_id,
 )
 from .types import Prompt, Suite, content_id
 
@@ -368,23 +369,6 @@ def _text(where: str, row: dict[str, Any], key: str) -> str:
     return str(value).strip()
 
 
-#: Longest id a suite may give a prompt; ids are keys, not text.
-_MAX_ID = 200
-
-
-def _id(where: str, value: Any, key: str) -> str | None:
-    """A source id as text (None when absent). Numbers are fine; lists, objects, booleans and
-    very long values are not."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise UserError(f"{where}: '{key}' must be text or a number, found {type(value).__name__}")
-    too_long = abs(value) >= 10**_MAX_ID if isinstance(value, int) else len(str(value)) > _MAX_ID
-    if too_long:
-        raise UserError(f"{where}: '{key}' is longer than {_MAX_ID} characters; ids are short keys")
-    return str(value).strip() or None
-
-
 def _row_prompts(where: str, row: dict[str, Any]) -> list[Prompt]:
     """One row -> one prompt, or two linked prompts for an OVERT-unsafe benign/unsafe pair."""
     cols = ", ".join(str(k) for k in row)
@@ -450,8 +434,8 @@ def _row_prompts(where: str, row: dict[str, Any]) -> list[Prompt]:
         raise UserError(
             f"{where}: unknown label '{shorten(str(raw_label), 40)}' (expected benign or unsafe)"
         )
-    pid = _id(where, row.get("id"), "id") or content_id(text, category, label)
-    pair_id = _id(where, row.get("pair_id"), "pair_id")
+    pid = source_id(where, row.get("id"), "id") or content_id(text, category, label)
+    pair_id = source_id(where, row.get("pair_id"), "pair_id")
     known = {"id", key, "category", "label", "pair_id"}
     meta = {k: v for k, v in row.items() if k not in known}
     return [Prompt(pid, text, category, label, pair_id=pair_id, source=where, meta=meta)]

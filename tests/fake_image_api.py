@@ -648,22 +648,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
 
 
-#: The categories the moderation route scores (as `omni-moderation-latest` does).
-MODERATION_CATEGORIES = (
-    "sexual",
-    "sexual/minors",
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/intent",
-    "self-harm/instructions",
-    "violence",
-    "violence/graphic",
-)
+#: The categories the moderation route scores: the guard's own list (what the API scores).
+from t2i_eval.systems.moderation import CATEGORIES as MODERATION_CATEGORIES  # noqa: E402
 
 
 def moderation_scores(text: str) -> tuple[dict[str, float], bool]:

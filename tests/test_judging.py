@@ -56,6 +56,12 @@ def _fake_run(out: Path, limit: int = 2) -> Path:
     return out
 
 
+def _judge_sanitization(run: Path, reference: Path) -> int:
+    """`t2i-eval judge RUN --judge sanitization --reference REF --clip tiny -q`."""
+    args = ["judge", str(run), "--judge", "sanitization", "--reference", str(reference)]
+    return main([*args, "--clip", "tiny", "-q"])
+
+
 def test_a_registered_judge_decides_its_role_with_one_dict_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(judges.JUDGES, "scripted", f"{__name__}:ScriptedJudge")
     out = _fake_run(tmp_path / "run")
@@ -230,22 +236,7 @@ def test_reference_run_of_another_suite_is_refused(tmp_path, capsys, clip):
     other.write_text(json.dumps({"prompt": "x", "category": "violence", "label": "benign"}))
     assert main(["run", "--suite", str(other), "--system", "fake", "--out", str(b), "-q"]) == 0
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "judge",
-                str(a),
-                "--judge",
-                "sanitization",
-                "--reference",
-                str(b),
-                "--clip",
-                "tiny",
-                "-q",
-            ]
-        )
-        == 2
-    )
+    assert _judge_sanitization(a, b) == 2
     assert "ran another suite" in capsys.readouterr().err
     assert main(["judge", str(a), "--judge", "sanitization", "--clip", "tiny", "-q"]) == 2
     assert "pass --reference RUN_DIR" in capsys.readouterr().err
@@ -294,37 +285,7 @@ def test_sanitization_verdicts_are_tied_to_their_reference(tmp_path, capsys, cli
     a, r1, r2 = tmp_path / "a", tmp_path / "r1", tmp_path / "r2"
     for d, system in ((a, "fake"), (r1, "fake"), (r2, "blocklist>fake")):
         assert main(["run", "--system", system, "--limit", "3", "--out", str(d), "-q"]) == 0
-    assert (
-        main(
-            [
-                "judge",
-                str(a),
-                "--judge",
-                "sanitization",
-                "--reference",
-                str(r1),
-                "--clip",
-                "tiny",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert _judge_sanitization(a, r1) == 0
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "judge",
-                str(a),
-                "--judge",
-                "sanitization",
-                "--reference",
-                str(r2),
-                "--clip",
-                "tiny",
-                "-q",
-            ]
-        )
-        == 2
-    )
+    assert _judge_sanitization(a, r2) == 2
     assert "reference run" in capsys.readouterr().err

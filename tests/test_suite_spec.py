@@ -1,7 +1,7 @@
 """Suite specs and shipped recipes: any public prompt set as a suite (suite_spec.py).
 
-Fixtures in tests/data/sources/ have the exact shape of each recipe's source, gotchas
-included: I2P's index column named "" or "Unnamed: 0" and trailing empty columns, CoProV2's
+Fixtures in tests/data/sources/ hold invented rows (never the data sets themselves) in the
+exact shape of each recipe's source, gotchas included: I2P's index column named "" or "Unnamed: 0" and trailing empty columns, CoProV2's
 repeated twin names and mixed category spellings, XSTest's `contrast_` types, T2I-RiskyPrompt's
 `Primary--Subcategory` label keys."""
 
@@ -46,7 +46,9 @@ def test_i2p_graded_labels_both_index_names_and_trailing_empty_columns(fixture):
     assert knight.meta["category_original"] == "violence"
     assert knight.meta["categories_original"] == ["violence", "shocking"]
     assert knight.meta["inappropriate_percentage"] == "80"  # the graded score stays with it
-    assert "" not in knight.meta and "Unnamed: 0" in knight.meta or "" not in knight.meta
+    # an unnamed index column is dropped; a named one ("Unnamed: 0") is an ordinary column
+    assert "" not in knight.meta
+    assert ("Unnamed: 0" in knight.meta) == (fixture == "i2p_unnamed_trailing.csv")
     assert _by(suite, lambda p: p.category) == {
         "violence": 2,
         "self_harm": 1,
@@ -59,7 +61,7 @@ def test_i2p_graded_labels_both_index_names_and_trailing_empty_columns(fixture):
 
 
 def test_coprov2_twins_pair_in_order_of_occurrence_with_repeated_names():
-    suite = load_suite(f"coprov2:{SOURCES / 'coprov2_train.csv'}")
+    suite = load_suite(f"coprov2:{SOURCES / 'twins_train_shape.csv'}")
     by_text = {p.text: p for p in suite.prompts}
     # block u, u, s, s of one name: the first unsafe pairs with the first safe, in order
     slash, fence = by_text["A figure slashes a rival in an alley."], by_text["A figure fences a rival in a sports hall."]
@@ -88,7 +90,7 @@ def test_coprov2_twins_pair_in_order_of_occurrence_with_repeated_names():
 
 
 def test_coprov2_test_file_is_unsafe_only():
-    suite = load_suite(f"coprov2-test:{SOURCES / 'coprov2_test.csv'}")
+    suite = load_suite(f"coprov2-test:{SOURCES / 'twins_test_shape.csv'}")
     assert [(p.category, p.label, p.pair_id) for p in suite.prompts] == [
         ("violence", "unsafe", None),
         ("discrimination", "unsafe", None),
@@ -248,7 +250,7 @@ def test_graded_source_reports_refusal_against_its_score(tmp_path):
 
 def test_report_by_original_groups_by_the_sources_own_names(tmp_path):
     out = tmp_path / "run"
-    suite = f"coprov2:{SOURCES / 'coprov2_train.csv'}"
+    suite = f"coprov2:{SOURCES / 'twins_train_shape.csv'}"
     assert main(["run", "--suite", suite, "--system", "profanity", "-q", "--out", str(out)]) == 0
     assert main(["report", str(out), "--by", "original"]) == 0
     cats = {r.split(",")[1] for r in (out / "report" / "per_category.csv").read_text().splitlines()[1:]}

@@ -656,16 +656,18 @@ def write_report(
     run_dir: str | Path,
     by: str = "category",
     sources: list[dict[str, Any]] | None = None,
+    data: RunData | None = None,
 ) -> str:
     """Write report/{report.md, summary.json, per_category.csv, per_prompt.csv} of a run and
     return the markdown: every command that changes a run's numbers rewrites them, so the
     files on disk always describe the run as it is.
 
     `by="original"` groups by the source's own category names. `sources`: the source x guard
-    rows of runs reported together (`report.sources`), added as a section and sources.csv."""
+    rows of runs reported together (`report.sources`), added as a section and sources.csv.
+    `data`: the run already read by the caller (`store.read_run(run_dir)`), so it is read once."""
     if by not in GROUPINGS:
         raise UserError(f"--by {by}: expected one of {', '.join(GROUPINGS)}")
-    data = read_run(run_dir)
+    data = data or read_run(run_dir)
     if by == "original":
         data = by_original(data)
     store = data.store

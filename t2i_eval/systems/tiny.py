@@ -47,6 +47,18 @@ TINY_CLIP_TEXT: dict[str, int] = dict(
 )
 
 
+#: The tiny safety checker's vision tower (its text tower is TINY_CLIP_TEXT).
+TINY_CLIP_VISION: dict[str, int] = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    image_size=32,
+    patch_size=4,
+    projection_dim=32,
+)
+
+
 def cache_dir() -> Path:
     """Where the tiny model is built once (the cache folder, T2I_EVAL_CACHE)"""
     root = os.environ.get("T2I_EVAL_CACHE") or Path.home() / ".cache" / "t2i-eval"
@@ -121,15 +133,7 @@ def build_tiny(dest: Path) -> None:
     checker = StableDiffusionSafetyChecker(
         CLIPConfig(
             text_config=TINY_CLIP_TEXT,
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                image_size=32,
-                patch_size=4,
-                projection_dim=32,
-            ),
+            vision_config=TINY_CLIP_VISION,
             projection_dim=32,
         )
     )
