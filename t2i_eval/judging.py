@@ -25,8 +25,8 @@ from typing import Any, Protocol, TypeVar
 from .errors import UserError
 from .judges import judge_class, judge_from_spec, load_spec, spec_digest, spec_key
 from .judges.base import ROLES, JudgeItem
-from .store import RunStore
-from .types import Generation, Prompt, Verdict
+from .store import Record, RunStore
+from .types import Prompt, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _open_image(store: RunStore, rel: str) -> Any:
         return img.convert("RGB")
 
 
-def _item(g: Generation, image: Any, prompt: Prompt | None, reference: Any) -> JudgeItem:
+def _item(g: Record, image: Any, prompt: Prompt | None, reference: Any) -> JudgeItem:
     return JudgeItem(
         g.record_id,
         image,
@@ -104,7 +104,7 @@ def judge_run(
     cls = judge_class(spec["kind"])
     if cls.role not in ROLES:
         raise TypeError(f"{cls.__name__}.role is {cls.role!r}; expected one of {ROLES}")
-    ref_gens: dict[str, Generation] = {}
+    ref_gens: dict[str, Record] = {}
     ref_store = None
     pinned = dict(spec)
     # every input is checked before the judge is built: building may load a large model
@@ -115,7 +115,7 @@ def judge_run(
                 "pass --reference RUN_DIR"
             )
         ref_store, ref_manifest = _reference(manifest, reference)
-        ref_gens = ref_store.read_generations()
+        ref_gens = ref_store.read_records()
         # verdicts are only valid against the reference they were made with
         pinned["reference_run"] = {
             "system": ref_manifest["system"]["digest"],
@@ -126,9 +126,9 @@ def judge_run(
     judge = judge_from_spec(spec)
     prompts = {p.id: p for p in store.read_prompts()}
     done = {rid for rid, v in store.read_verdicts(judge.key).items() if v.flagged is not None}
-    todo = [
+    todo = [  # compact records: a long run's end holds no record whole
         g
-        for g in store.read_generations().values()
+        for g in store.read_records().values()
         if g.status == "ok" and g.image_path and g.record_id not in done
     ]
     judges_info = dict(manifest.get("judges", {}))

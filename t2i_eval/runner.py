@@ -168,7 +168,7 @@ def _finished(store: RunStore) -> set[str]:
     lost images are redone). One pass over the records; empty on a fresh run."""
     return {
         rid
-        for rid, g in store.read_generations().items()
+        for rid, g in store.read_records().items()
         if g.status != "error" and (g.image_path is None or store.resolve(g.image_path).exists())
     }
 

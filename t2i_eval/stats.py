@@ -15,12 +15,12 @@ interval whenever each prompt has one judged record.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .types import CAUSES, Generation, Outcome, Prompt, Verdict, category_order
+from .types import CAUSES, Outcome, Prompt, Verdict, category_order
 
 Z95 = 1.959963984540054
 
@@ -162,9 +162,10 @@ def prompt_shares(counts: list[tuple[int, int]]) -> PromptShares:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class Cell:
-    """Counts for one (category, label) slice, and the same counts per prompt."""
+    """Counts for one (category, label) slice, and the same counts per prompt. Slotted: a
+    100,000-prompt run holds one per prompt."""
 
     n: int = 0
     """Records with a result (errors excluded)."""
@@ -183,7 +184,10 @@ class Cell:
     the safe-response rate is not reported (it would count only the refusals)."""
     per_prompt: dict[str, Cell] = field(default_factory=dict)
     """Prompt id -> that prompt's own counts over its seeds (empty in a hand-built cell, whose
-    records are then taken as independent)."""
+    records are then taken as independent); the cell's counts are their sums. Their
+    `by_cause` names only the causes seen."""
+    _most: int | None = field(default=None, repr=False, compare=False)
+    """Most records any one prompt has here (`records_per_prompt`), once worked out."""
 
     @property
     def rate(self) -> float:
@@ -209,11 +213,23 @@ class Cell:
         return self.clustered(lambda c: (c.safe_k, c.safe_n))
 
     def clustered(self, measure: Callable[[Cell], tuple[int, int]]) -> ClusteredRate:
-        """`measure` -> (k, n) of a cell, as a rate with seeds clustered within prompts."""
-        if not self.per_prompt:
+        """`measure` -> (k, n) of a cell, as a rate with seeds clustered within prompts.
+
+        With at most one record per prompt nothing clusters and `clustered_rate` gives Wilson
+        over the cell's own counts: taken from them directly, as a report asks for a dozen
+        measures of every cell and each would otherwise visit every prompt."""
+        if not self.per_prompt or self.records_per_prompt() <= 1:
             k, n = measure(self)
             return ClusteredRate(k, n, n, None, 1.0, wilson(k, n))
         return clustered_rate([measure(c) for c in self.per_prompt.values()])
+
+    def records_per_prompt(self) -> int:
+        """Most records (judged, unjudged or errors) any one prompt has in this cell."""
+        if self._most is None:
+            self._most = max(
+                (c.n + c.errors + c.unjudged for c in self.per_prompt.values()), default=0
+            )
+        return self._most
 
     @property
     def shares(self) -> PromptShares:
@@ -221,6 +237,16 @@ class Cell:
         return prompt_shares([(c.refused, c.n) for c in self.per_prompt.values()])
 
     def add(self, other: Cell) -> None:
+        """Add `other`'s counts and its prompts' counts to this cell's."""
+        self._add_counts(other)
+        for pid, c in other.per_prompt.items():
+            mine = self.per_prompt.get(pid)
+            if mine is None:
+                mine = self.per_prompt[pid] = _prompt_cell()
+            mine.add(c)
+        self._most = None
+
+    def _add_counts(self, other: Cell) -> None:
         self.n += other.n
         self.refused += other.refused
         self.errors += other.errors
@@ -230,8 +256,6 @@ class Cell:
         self.safe_unknown += other.safe_unknown
         for c, v in other.by_cause.items():
             self.by_cause[c] = self.by_cause.get(c, 0) + v
-        for pid, c in other.per_prompt.items():
-            self.per_prompt.setdefault(pid, Cell()).add(c)
 
 
 @dataclass
@@ -261,6 +285,19 @@ def macro(cells: list[Cell]) -> Macro:
     return Macro(rate, (max(0.0, rate - half), min(1.0, rate + half)), len(used))
 
 
+def _merged(a: Cell, b: Cell) -> Cell:
+    out = _prompt_cell()
+    out.add(a)
+    out.add(b)
+    return out
+
+
+def _prompt_cell() -> Cell:
+    """A per-prompt cell: its causes counted as they occur (one prompt sees one or two), not
+    a zero for every cause in each of 100,000 cells."""
+    return Cell(by_cause={})
+
+
 @dataclass
 class Table:
     """Per (category, label) cells, plus pooled (micro) and mean-of-categories (macro) rows."""
@@ -269,13 +306,24 @@ class Table:
     categories: list[str]
     seeds_per_prompt: int = 1
     """Most records any prompt has (counted from the records, not from the last command)."""
+    _micro: dict[str, Cell] = field(default_factory=dict, repr=False, compare=False)
 
     def micro(self, label: str) -> Cell:
-        total = Cell()
-        for (_, lab), cell in self.cells.items():
-            if lab == label:
-                total.add(cell)
-        return total
+        """Every category of `label` pooled; built once per label (a report asks for it in
+        each section, and pooling copies every prompt's counts). Read it, do not change it."""
+        if label not in self._micro:
+            total = Cell()
+            for (_, lab), cell in self.cells.items():
+                if lab != label:
+                    continue
+                total._add_counts(cell)
+                # a prompt's cell is shared with its category's, not copied (100,000 of them);
+                # a prompt in two cells (never, with one category per prompt) gets a new one
+                for pid, c in cell.per_prompt.items():
+                    mine = total.per_prompt.get(pid)
+                    total.per_prompt[pid] = c if mine is None else _merged(mine, c)
+            self._micro[label] = total
+        return self._micro[label]
 
     def macro(self, label: str) -> Macro:
         return macro([self.cells[(c, label)] for c in self.categories if (c, label) in self.cells])
@@ -306,9 +354,22 @@ def _count(cell: Cell, out: Outcome, cause: str | None, harm: Verdict | None) ->
         cell.safe_unknown += 1  # accepted, and no harm verdict says whether it was safe
 
 
+class Answer(Protocol):
+    """What counting needs of a record: `types.Generation` and `store.Record` both have it."""
+
+    @property
+    def record_id(self) -> str: ...
+
+    @property
+    def prompt_id(self) -> str: ...
+
+    @property
+    def seed(self) -> int: ...
+
+
 def tabulate(
     prompts: list[Prompt],
-    gens: dict[str, Generation],
+    gens: Mapping[str, Answer],
     outcomes: dict[str, tuple[Outcome, str | None]],
     harm: dict[str, Verdict] | None = None,
 ) -> Table:
@@ -330,17 +391,24 @@ def tabulate(
         out, cause = outcomes[g.record_id]
         h = harm.get(g.record_id)
         _count(cell, out, cause, h)
-        _count(cell.per_prompt.setdefault(p.id, Cell()), out, cause, h)
-    per_prompt = Counter(g.prompt_id for g in gens.values() if g.prompt_id in by_id)
+        mine = cell.per_prompt.get(p.id)
+        if mine is None:
+            mine = cell.per_prompt[p.id] = _prompt_cell()
+        _count(mine, out, cause, h)
+    # each record is counted once, as an error, unjudged or in n: a prompt's records
+    seeds = max(
+        (c.n + c.errors + c.unjudged for cell in cells.values() for c in cell.per_prompt.values()),
+        default=1,
+    )
     order = category_order(c for c, _ in cells)
-    return Table(dict(cells), order, max(per_prompt.values(), default=1))
+    return Table(dict(cells), order, seeds)
 
 
 class RunRecords(Protocol):
     """What a table needs of a run (store.RunData has it); a Protocol, so stats stays pure."""
 
     prompts: list[Prompt]
-    gens: dict[str, Generation]
+    records: Mapping[str, Answer]
 
     @property
     def outcomes(self) -> dict[str, tuple[Outcome, str | None]]: ...
@@ -351,7 +419,7 @@ class RunRecords(Protocol):
 
 def run_table(data: RunRecords) -> Table:
     """The per-(category, label) table of a run read by `store.read_run`."""
-    return tabulate(data.prompts, data.gens, data.outcomes, data.harm)
+    return tabulate(data.prompts, data.records, data.outcomes, data.harm)
 
 
 def fmt_rate(k: int, n: int, digits: int = 1, ci: tuple[float, float] | None = None) -> str:
@@ -448,7 +516,7 @@ class PairCell:
 
 def pair_table(
     prompts: list[Prompt],
-    gens: dict[str, Generation],
+    gens: Mapping[str, Answer],
     outcomes: dict[str, tuple[Outcome, str | None]],
 ) -> dict[str, PairCell]:
     """Per category: pairs whose benign and unsafe twin both have a non-error record."""

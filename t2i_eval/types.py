@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
@@ -138,35 +140,114 @@ def fits(value: Any, hint: Any) -> bool:
     element, key and value checked) and tuples (JSON has none: a list fits). Any other type,
     e.g. a nested record, fits here: its own `from_dict` checks it.
     """
+    return _checker(hint)(value)
+
+
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """The check of `fits` for one annotation, built once per annotation: a run's records are
+    checked field by field, and taking an annotation apart (`typing.get_origin`/`get_args`)
+    for each of 100,000 records cost many times the JSON parsing itself."""
+    try:
+        return _cached_checker(hint)
+    except TypeError:  # an unhashable annotation: built each time
+        return _build_checker(hint)
+
+
+@functools.cache
+def _cached_checker(hint: Any) -> Callable[[Any], bool]:
+    return _build_checker(hint)
+
+
+def _build_checker(hint: Any) -> Callable[[Any], bool]:
     if hint is Any:
-        return True
+        return lambda v: True
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(fits(value, h) for h in args)
+        alts = tuple(_checker(h) for h in args if h is not type(None))
+        if len(alts) < len(args):  # `X | None`, the usual optional field
+            if len(alts) == 1:
+                (one,) = alts
+                return lambda v: v is None or one(v)
+            return lambda v: v is None or any(c(v) for c in alts)
+        return lambda v: any(c(v) for c in alts)
     if origin is Literal:
-        return isinstance(value, str) and value in args
+        return lambda v: isinstance(v, str) and v in args
     if hint is type(None):
-        return value is None
+        return lambda v: v is None
     if hint is bool:
-        return isinstance(value, bool)
+        return lambda v: isinstance(v, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     if hint is str:
-        return isinstance(value, str)
+        return lambda v: isinstance(v, str)
     if origin is list or hint is list:
         (item,) = args or (Any,)
-        return isinstance(value, list) and all(fits(v, item) for v in value)
+        each = _checker(item)
+        return lambda v: isinstance(v, list) and all(map(each, v))
     if origin is dict or hint is dict:
         key, val = args or (Any, Any)
-        return isinstance(value, dict) and all(
-            fits(k, key) and fits(v, val) for k, v in value.items()
-        )
+        keys, values = _checker(key), _checker(val)
+        return lambda v: isinstance(v, dict) and all(map(keys, v)) and all(map(values, v.values()))
     if origin is tuple:
-        return isinstance(value, list)
-    return True
+        return lambda v: isinstance(v, list)
+    return lambda v: True
+
+
+@functools.cache
+def _record_plan(
+    cls: type,
+) -> tuple[frozenset[str], tuple[str, ...], dict[str, tuple[Any, Callable[[Any], bool]]]]:
+    """(field names, required names, name -> (annotation, its check)) of a record class,
+    worked out once: a class's annotations do not change while a run is read."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    required = tuple(
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    checks = {f.name: (hints[f.name], _checker(hints[f.name])) for f in fields}
+    return frozenset(f.name for f in fields), required, checks
+
+
+def _fits_by_type(hint: Any, kind: type) -> bool:
+    """True when every value of exact type `kind` fits `hint` (an `int` for `float | None`);
+    False when it depends on the value (a Literal's word, a list's items, an object's keys)
+    or `kind` is not a plain JSON type, so `fits` must look at it."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits_by_type(h, kind) for h in args)
+    if hint is type(None):
+        return kind is type(None)
+    if hint in (bool, int, str):
+        return kind is hint
+    if hint is float:
+        return kind in (int, float)
+    if origin is list or hint is list:
+        return kind is list and (not args or args[0] is Any)
+    if origin is tuple:
+        return kind is list
+    return not (origin is Literal or origin is dict or hint is dict)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_checks(
+    cls: type, keys: tuple[str, ...], kinds: tuple[type, ...]
+) -> tuple[tuple[str, Callable[[Any], bool]], ...] | None:
+    """For records of `cls` with these field names and exact value types (a shape): the
+    fields whose values still need `fits`, or None when the names are wrong (unknown or
+    missing). The records of one run share a few shapes, so each shape is worked out once and
+    a record costs a lookup and the value checks its types cannot settle."""
+    names, required, checks = _record_plan(cls)
+    if not names.issuperset(keys) or not set(required).issubset(keys):
+        return None
+    pairs = zip(keys, kinds, strict=True)
+    return tuple((k, checks[k][1]) for k, kind in pairs if not _fits_by_type(checks[k][0], kind))
 
 
 def checked_fields(cls: type, d: Any) -> dict[str, Any]:
@@ -177,25 +258,20 @@ def checked_fields(cls: type, d: Any) -> dict[str, Any]:
     else later. Raises ValueError (the store adds the file and line)."""
     if not isinstance(d, dict):
         raise ValueError(f"expected an object, found {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
+    todo = _shape_checks(cls, tuple(d), tuple(map(type, d.values())))
+    if todo is not None and all(check(d[k]) for k, check in todo):
+        return dict(d)
+    names, required, checks = _record_plan(cls)  # something is wrong: say what
+    if not names.issuperset(d):
+        unknown = sorted(set(d) - names)
         raise ValueError(f"unknown field(s) {', '.join(unknown)[:200]}")
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in d
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
+    missing = [n for n in required if n not in d]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
     for name, value in d.items():
-        if not fits(value, hints[name]):
-            raise ValueError(
-                f"field '{name}' should be {_describe(hints[name])}, found {_found(value)}"
-            )
+        hint, check = checks[name]
+        if not check(value):
+            raise ValueError(f"field '{name}' should be {_describe(hint)}, found {_found(value)}")
     return dict(d)
 
 
@@ -361,15 +437,22 @@ class Generation:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Generation:
+    def check(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """`d`'s fields checked as `from_dict` checks them, its decisions too, without building
+        the record: a reader that keeps a few fields of each of 100,000 records
+        (`store.Record`) need not build two objects per record to throw them away."""
         d = checked_fields(cls, d)
-        decisions = []
         for i, x in enumerate(d.get("decisions", ())):
             try:
-                decisions.append(StageDecision.from_dict(x))
+                checked_fields(StageDecision, x)
             except ValueError as e:
                 raise ValueError(f"decisions[{i}]: {e}") from None
-        d["decisions"] = tuple(decisions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Generation:
+        d = cls.check(d)
+        d["decisions"] = tuple(StageDecision(**x) for x in d.get("decisions", ()))
         return cls(**d)
 
 

@@ -94,7 +94,7 @@ def _save(fig: Any, path: Path) -> None:
 def _outcome_counts(data: RunData, label: str) -> dict[str, dict[str, int]]:
     by_id = {p.id: p for p in data.prompts}
     out: dict[str, dict[str, int]] = {}
-    for g in data.gens.values():
+    for g in data.records.values():
         p = by_id.get(g.prompt_id)
         if p is None or p.label != label:
             continue
@@ -178,8 +178,8 @@ def _paired(a: RunData, b: RunData) -> dict[str, Any]:
     for lab in LABELS:
         n = 0
         per_prompt: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # only A, only B, n
-        for rid in set(a.gens) & set(b.gens):
-            prompt = a.gens[rid].prompt_id
+        for rid in set(a.records) & set(b.records):
+            prompt = a.records[rid].prompt_id
             if label.get(prompt) != lab:
                 continue
             ra, rb = refused(a, rid), refused(b, rid)
@@ -249,7 +249,7 @@ def _gallery(
     folder (images/run-<i>/), since record ids are the same in every run of a suite."""
     by_id = {p.id: p for p in data.prompts}
     picks: dict[str, list[tuple[Any, Any]]] = {}
-    for g in sorted(data.gens.values(), key=lambda g: g.record_id):
+    for g in sorted(data.records.values(), key=lambda g: g.record_id):
         p = by_id.get(g.prompt_id)
         if p is None or p.label != "benign" or not g.image_path:
             continue
@@ -290,15 +290,22 @@ def check_html_out(out: str | Path) -> None:
     check_output_dir(Path(out), OWNED, _FIX)
 
 
-def write_html(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+def write_html(
+    run_dirs: list[str | Path],
+    out: str | Path | None = None,
+    data: list[RunData] | None = None,
+) -> Path:
     """Write the HTML report of one or more runs and return its index.html.
 
     Default folder: the run's `report/html/` for one run, `compare-<hash>/` beside the first
     run for several. The folder is built aside and swapped in whole, so a failure midway
-    leaves the previous report as it was."""
+    leaves the previous report as it was. `data`: the runs already read by the caller
+    (`store.read_run` of each of `run_dirs`), so a large run is not read and held twice."""
     if not run_dirs:
         raise UserError("report --html needs at least one RUN_DIR")
-    runs = [(Path(d), read_run(d)) for d in run_dirs]
+    if data is not None and len(data) != len(run_dirs):
+        raise ValueError(f"write_html: {len(data)} runs read for {len(run_dirs)} run folders")
+    runs = list(zip(map(Path, run_dirs), data or map(read_run, run_dirs), strict=True))
     if out is None:
         if len(runs) == 1:
             out = RunStore(runs[0][0]).html_dir

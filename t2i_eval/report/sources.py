@@ -54,7 +54,7 @@ def source_rows(runs: list[RunData]) -> list[dict[str, Any]]:
     each prompt counted once whatever its number of seeds (`sweep.guard_metrics`)."""
     rows = []
     for d in runs:
-        for guard, per in guard_metrics(d.prompts, d.gens).items():
+        for guard, per in guard_metrics(d.prompts, d.records).items():
             m = per["all"]
             lo, hi = m["auroc_ci"]
             rows.append(
@@ -129,7 +129,7 @@ def graded_rows(data: RunData, bins: int = GRADED_BINS) -> list[dict[str, Any]]:
     if column is None:
         return []
     scores: list[tuple[float, bool]] = []
-    for rid, g in data.gens.items():
+    for rid, g in data.records.items():
         p = data.prompts_by_id.get(g.prompt_id)
         refused = data.outcome(rid)[0].is_refusal(soft=True)
         try:

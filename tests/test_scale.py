@@ -1,0 +1,206 @@
+"""Reading and reporting large runs (issue #16 part 2): records streamed in chunks and kept
+compact (`store.Record`), each file read once, the same numbers as reading records whole."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from pathlib import Path
+
+import pytest
+from helpers import guarded_run
+
+from t2i_eval.errors import UserError
+from t2i_eval.report import write_html, write_report
+from t2i_eval.stats import clustered_rate, run_table, tabulate
+from t2i_eval.store import CHUNK, Record, RunStore, read_run
+from t2i_eval.types import Generation, Outcome, Prompt, StageDecision, outcomes
+
+CONCEPT_RAW = {
+    "max_cos": {"violence": 0.7, "self_harm": 0.1},
+    "nearest": {"violence": "a knife fight", "self_harm": "a scar"},
+    "thresholds": {"violence": 0.5, "self_harm": 0.5},
+}
+
+
+def _gen(rid: str, status: str = "ok", seed: int = 0) -> Generation:
+    decisions = (
+        StageDecision("prompt_guard", "blocklist", status == "refused", 1.0, 0.0,
+                      {"matches": {"violence": ["kill"]}}, "matched 'kill'", 0.001),
+        StageDecision("prompt_guard", "concept", False, 0.2, 0.0, CONCEPT_RAW, "", 0.02),
+    )
+    return Generation(
+        rid, f"p-{rid}", seed, status,  # type: ignore[arg-type]
+        "prompt_guard:blocklist" if status == "refused" else None, decisions,
+        error="Timeout: slow" if status == "error" else None, seconds=0.03,
+    )
+
+
+def _store(tmp_path: Path, gens: list[Generation]) -> RunStore:
+    store = RunStore(tmp_path / "run")
+    store.append_generations(gens)
+    return store
+
+
+def test_records_are_the_latest_records_without_their_texts(tmp_path: Path) -> None:
+    gens = [_gen(f"r{i}", ("ok", "refused", "error")[i % 3]) for i in range(3 * CHUNK + 7)]
+    retried = [_gen("r2", "ok"), _gen("r1", "error")]  # an error retried; a result kept
+    store = _store(tmp_path, gens + retried)
+    full, compact = store.read_generations(), store.read_records()
+    assert list(compact) == list(full)  # same records, same order (first appearance)
+    assert full["r2"].status == compact["r2"].status == "ok"
+    assert compact["r1"].status == "refused"
+    for rid, g in full.items():
+        r = compact[rid]
+        for name in Record._fields:
+            if name != "decisions":
+                assert getattr(r, name) == getattr(g, name), (rid, name)
+        for d, kept in zip(g.decisions, r.decisions, strict=True):
+            assert (kept.stage, kept.name, kept.refused, kept.score, kept.threshold) == (
+                d.stage, d.name, d.refused, d.score, d.threshold,
+            )
+            assert kept.seconds == d.seconds and kept.unavailable == d.unavailable
+    concept = compact["r0"].decisions[1].raw
+    assert concept == {"max_cos": CONCEPT_RAW["max_cos"], "thresholds": CONCEPT_RAW["thresholds"]}
+    assert compact["r0"].decisions[0].raw == {}  # the word list's matches are words
+
+
+def test_a_record_with_fields_left_out_gets_the_defaults_generation_has(tmp_path: Path) -> None:
+    line = {"record_id": "r", "prompt_id": "p", "seed": 0, "status": "ok",
+            "decisions": [{"stage": "prompt_guard", "name": "g", "refused": False}]}
+    store = RunStore(tmp_path)
+    store.generations_dir.mkdir()
+    store.generations_path(0).write_text(json.dumps(line) + "\n")
+    g, r = store.read_generations()["r"], store.read_records()["r"]
+    assert r == Record.from_checked(g.to_dict())
+    assert (r.refused_by, r.image_path, r.seconds, r.rank) == (None, None, None, 0)
+    d = r.decisions[0]
+    assert (d.score, d.threshold, d.raw, d.seconds, d.unavailable) == (None, None, {}, None, None)
+
+
+def _lines(store: RunStore, n: int) -> list[str]:
+    store.append_generations(_gen(f"r{i}") for i in range(n))
+    return store.generations_path(0).read_text().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json\n", "corrupt record (not JSON)"),
+        ('{"record_id": "a"} {"record_id": "b"}\n', "corrupt record (not JSON)"),
+        ("[1, 2]\n", "a JSON list, expected an object"),
+        ('{"record_id": 5}\n', "not a record of this t2i-eval version"),
+    ],
+)
+def test_a_bad_line_inside_a_chunk_is_named_by_its_own_line_number(
+    tmp_path: Path, bad: str, message: str
+) -> None:
+    store = RunStore(tmp_path)
+    lines = _lines(store, 2 * CHUNK + 10)
+    where = CHUNK + 17  # inside the second chunk
+    lines[where] = bad
+    store.generations_path(0).write_text("".join(lines))
+    for read in (store.read_records, store.read_generations):
+        with pytest.raises(UserError, match=f"line {where + 1}: .*{re.escape(message)}"):
+            read()
+
+
+def test_blank_lines_and_a_torn_last_line_across_chunks(tmp_path: Path, caplog) -> None:
+    store = RunStore(tmp_path)
+    lines = _lines(store, CHUNK + 5)
+    lines.insert(3, "\n")
+    lines.insert(CHUNK + 2, "   \n")
+    torn = json.dumps(_gen("torn").to_dict())[:40]
+    store.generations_path(0).write_text("".join(lines) + torn)
+    with caplog.at_level(logging.WARNING):
+        got = store.read_records()
+    assert list(got) == [f"r{i}" for i in range(CHUNK + 5)]
+    assert "torn last line" in caplog.text
+
+
+def test_records_are_streamed_not_read_whole(tmp_path: Path, monkeypatch) -> None:
+    store = _store(tmp_path, [_gen(f"r{i}") for i in range(10)])
+    records = store.generations_path(0)
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        assert self != records, "the records file was read whole"
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert len(store.read_records()) == 10
+
+
+ROWS = [(f"a fight with a knife {i}", "benign") for i in range(4)] + [
+    (f"a calm lake {i}", "unsafe") for i in range(4)
+]
+
+
+def test_run_data_counts_compact_records_and_reads_whole_ones_only_when_asked(
+    tmp_path: Path, monkeypatch
+) -> None:
+    run = guarded_run(tmp_path, ROWS, ["knife"], "--seeds", "2")
+    full = RunStore(run).read_generations()
+    calls = []
+    real = RunStore.read_generations
+    monkeypatch.setattr(
+        RunStore, "read_generations", lambda self: calls.append(1) or real(self)
+    )
+    data = read_run(run)
+    table = run_table(data)
+    assert not calls  # counting needs no whole record
+    assert table.cells == tabulate(data.prompts, full, outcomes(full, {})).cells
+    assert data.gens == full and data.gens is data.gens and len(calls) == 1
+
+
+def test_a_report_reads_the_records_and_each_verdict_file_once(
+    tmp_path: Path, monkeypatch
+) -> None:
+    run = guarded_run(tmp_path, ROWS, ["knife"])
+    from t2i_eval.judging import judge_run
+
+    judge_run(run, "blank", progress=False)  # no images: an empty verdict file, still read
+    before = (run / "report" / "report.md").read_bytes()
+    reads: list[str] = []
+    for name in ("read_generations", "read_records", "read_verdicts"):
+        real = getattr(RunStore, name)
+        monkeypatch.setattr(
+            RunStore, name, lambda self, *a, _n=name, _r=real: reads.append(_n) or _r(self, *a)
+        )
+    write_report(run)
+    assert sorted(reads) == ["read_records", "read_verdicts"]
+    assert (run / "report" / "report.md").read_bytes() == before
+
+
+def test_html_report_uses_the_runs_already_read(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    run = guarded_run(tmp_path, ROWS, ["knife"])
+    data = read_run(run)
+    monkeypatch.setattr("t2i_eval.report.html.read_run", lambda d: pytest.fail("read again"))
+    assert write_html([run], tmp_path / "html", data=[data]).exists()
+
+
+def test_one_seed_shortcut_gives_what_clustered_rate_gives() -> None:
+    """With one record per prompt a cell's interval is taken from its own counts; it must be
+    exactly `clustered_rate` over its prompts, and with several seeds the latter is used."""
+    rng = random.Random(0)
+    for seeds in (1, 3):
+        prompts, gens, outs = [], {}, {}
+        for i in range(60):
+            prompts.append(Prompt(f"p{i}", "t", "violence", "benign"))
+            for s in range(seeds):
+                rid = f"r{i}-{s}"
+                gens[rid] = Generation(rid, f"p{i}", s, "ok")
+                pick = rng.random()
+                outs[rid] = (
+                    (Outcome.ERROR, None) if pick < 0.1
+                    else (Outcome.REFUSED, "prompt_guard") if pick < 0.5
+                    else (Outcome.COMPLIED, None)
+                )
+        cell = tabulate(prompts, gens, outs).micro("benign")
+        for measure in (lambda c: (c.refused, c.n), lambda c: (c.errors, c.n + c.errors)):
+            want = clustered_rate([measure(c) for c in cell.per_prompt.values()])
+            assert cell.clustered(measure) == want
+        assert (cell.refusal.deff > 1) == (seeds > 1)
