@@ -9,9 +9,11 @@ mounts (its file, proxy and upload routes among them), so a route a later Gradio
 until someone opens it here. Gradio's upload and cache folders live in a private temporary
 folder, never in the working directory or the `/tmp/gradio` every Gradio app on a machine shares.
 
-Speed with 10,000-record runs: runs are read once and cached until their files change, rows are
-paired once per (A, B), a filter touches only the row table (one page of rows, images loaded
-lazily by the browser), and torch is imported only when the live tab runs a prompt.
+Speed and memory with 100,000-record runs: each run is read through its index (`run_index`,
+built once and kept in the run directory, rebuilt when the run's files change), so the server
+holds no records; A and B are paired once per (A, B) in a temporary on-disk table; a filter or
+search is one SQL query and a page reads the records of its 20 rows (images loaded lazily by the
+browser). Torch is imported only when the live tab runs a prompt.
 """
 
 from __future__ import annotations
@@ -38,13 +40,12 @@ from .rows import (
     OUTCOME_FILTERS,
     PAGE_SIZE,
     SIDES,
-    Row,
+    Filters,
+    Pairing,
     RunView,
     ViewCache,
-    filter_rows,
     find_runs,
     page_of,
-    pair_rows,
     read_image,
     summary_rows,
 )
@@ -94,27 +95,30 @@ def _gradio() -> Any:
 
 
 class Explorer:
-    """The state behind the page: the runs folder, cached run views and paired rows."""
+    """The state behind the page: the runs folder, open run views and the current pairing."""
 
     def __init__(self, runs_dir: str | Path) -> None:
         self.runs_dir = Path(runs_dir).resolve()
         find_runs(self.runs_dir)  # a clear error now rather than an empty page
         self.views = ViewCache(self.runs_dir)
-        self._pairs: dict[tuple[int, int], tuple[RunView, RunView | None, list[Row]]] = {}
+        self._pairing: Pairing | None = None
         self._lock = threading.Lock()
 
     def runs(self) -> list[str]:
         return find_runs(self.runs_dir)
 
-    def pair(self, a: str, b: str | None) -> tuple[RunView, RunView | None, list[Row]]:
-        with self._lock:
-            va = self.views.get(a)
-            vb = self.views.get(b) if b and b != NONE else None
-            key = (id(va), id(vb))
-            if key not in self._pairs:
-                # One pairing kept (bounded memory); it holds its views so their ids stay unique.
-                self._pairs = {key: (va, vb, pair_rows(va, vb))}
-            return self._pairs[key]
+    def pair(self, a: str, b: str | None) -> Pairing:
+        """The pairing of runs A and B (B may be None), kept until either changes. Call with
+        the lock held: the pairing is one SQLite connection."""
+        va = self.views.get(a)
+        vb = self.views.get(b) if b and b != NONE else None
+        p = self._pairing
+        if p is None or p.a is not va or p.b is not vb:
+            if p is not None:
+                p.close()
+            self._pairing = None  # one pairing kept (bounded memory and temporary disk)
+            self._pairing = p = Pairing(va, vb)
+        return p
 
     def page(
         self,
@@ -130,11 +134,14 @@ class Explorer:
         """(rows HTML, page number, "page i of n · k rows") for the current filters."""
         if not a:
             return "<p class='empty'>Pick run A.</p>", 1, ""
-        va, vb, rows = self.pair(a, b)
-        hits = filter_rows(rows, category, label, wanted, side, text or "")
-        shown, page_no, pages = page_of(hits, int(page or 1), PAGE_SIZE)
-        info = f"page {page_no} of {pages} · {len(hits)} matching rows of {len(rows)}"
-        return render_rows(shown, va, vb, len(rows)), page_no, info
+        filters = Filters(category, label, wanted, side, text or "")
+        with self._lock:
+            pairing = self.pair(a, b)
+            hits = pairing.count(filters)
+            page_no, pages, offset = page_of(hits, int(page or 1), PAGE_SIZE)
+            shown = pairing.rows(filters, offset, PAGE_SIZE)
+        info = f"page {page_no} of {pages} · {hits} matching rows of {pairing.total}"
+        return render_rows(shown, pairing.a, pairing.b, pairing.total), page_no, info
 
     def image(self, run: str, record_id: str) -> tuple[bytes, str] | None:
         """(bytes, content type) of a record's image, or None. `run` must be one of the runs
@@ -144,16 +151,17 @@ class Explorer:
             return None
         with self._lock:
             view = self.views.get(run)
-        return read_image(view, record_id)
+            return read_image(view, record_id)
 
     def summary(self, a: str | None, b: str | None) -> tuple[str, list[list[str]], Any, list[str]]:
         """(facts HTML, summary table rows, chart, categories present) for runs A and B."""
         if not a:
             return "", [], None, ["all"]
-        va, vb, _ = self.pair(a, b)
-        views = [v for v in (va, vb) if v is not None]
+        with self._lock:
+            pairing = self.pair(a, b)
+        views = [v for v in (pairing.a, pairing.b) if v is not None]
         table = [row for v in views for row in summary_rows(v)]
-        ordered = category_order(c for v in views for c in v.table().categories)
+        ordered = category_order(c for v in views for c in v.summary().categories)
         return "".join(run_facts(v) for v in views), table, summary_chart(views), ["all", *ordered]
 
 
@@ -164,7 +172,7 @@ def summary_chart(views: list[RunView]) -> Any:
         from matplotlib.figure import Figure  # no pyplot: no global state across requests
     except ImportError:
         return None
-    tables = [(v.name, v.table()) for v in views]
+    tables = [(v.name, v.summary()) for v in views]
     cats = category_order(c for _, t in tables for c in t.categories)
     fig = Figure(figsize=(12, 3.6))
     axes = fig.subplots(1, 2, sharey=True)
@@ -173,7 +181,7 @@ def summary_chart(views: list[RunView]) -> Any:
         axes, LABELS, ("benign over-refusal", "unsafe refusal"), strict=True
     ):
         for i, (name, t) in enumerate(tables):
-            cells = [t.cell(c, label) for c in cats]
+            cells = [t.cell(c, label) for c in cats]  # stats.ClusteredRate each
             rates = [c.rate if c.n else 0.0 for c in cells]
             lo = [max(0.0, r - c.ci[0]) if c.n else 0.0 for r, c in zip(rates, cells, strict=True)]
             hi = [max(0.0, c.ci[1] - r) if c.n else 0.0 for r, c in zip(rates, cells, strict=True)]
@@ -335,8 +343,9 @@ def build_app(runs_dir: str | Path, live_systems: list[str] | None = None) -> An
         refresh.click(refresh_runs, None, [run_a, run_b])
         live_go.click(run_live, [live_prompt, live_sys, live_seed], live_out)
         live_prompt.submit(run_live, [live_prompt, live_sys, live_seed], live_out)
-        demo.load(pick_runs, [run_a, run_b], [facts, summary, chart, category]).then(
-            first_page, filters, out
+        # rows first: they are what a visitor waits for (the chart is drawn after them)
+        demo.load(first_page, filters, out).then(
+            pick_runs, [run_a, run_b], [facts, summary, chart, category]
         )
     demo.t2i_explorer = ex  # launch() serves its images
     return demo

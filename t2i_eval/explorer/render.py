@@ -113,7 +113,7 @@ def run_facts(view: RunView) -> str:
     parts = [
         f"<b>{_e(view.name)}</b>: system <code>{_e(m.get('system', {}).get('name', '?'))}</code>, "
         f"suite <code>{_e(m.get('suite', {}).get('name', '?'))}</code>, "
-        f"status {_e(m.get('status', '?'))}, {len(view.sides)} records",
+        f"status {_e(m.get('status', '?'))}, {view.rows} records",
         f"components: {_e(comps) or '-'}",
     ]
     if warn:

@@ -1,8 +1,10 @@
 """The explorer's data side: find runs, pair two runs row by row, filter, page, find images.
 
 No Gradio, no HTML and no torch here (`render` turns rows into HTML, `app` serves them), so it
-can be tested without a browser and reused by other views. Runs are read through the store.
-Rows of run A and run B are matched by (prompt, seed): the prompt is the root of its rewrite
+can be tested without a browser and reused by other views. Runs are read through their index
+(`run_index`: one SQLite file per run, built once from the store's files and rebuilt when they
+change), so a 100,000-record run is paged, filtered and searched in SQL and only the records of
+the rows shown are read. Rows of run A and run B are matched by (prompt, seed): the prompt is the root of its rewrite
 chain (`parent_id` or `id`), so a run and its rewritten twin (`t2i-eval rewrite`) line up as well
 as two systems on the same suite.
 
@@ -13,16 +15,19 @@ among the runs it found and that run's records, and the store resolves the file 
 
 from __future__ import annotations
 
+import functools
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from ..errors import UserError
-from ..stats import Table, fmt_clustered, run_table
-from ..store import RunData, RunStore, read_run
-from ..types import CATEGORIES, HARD_CAUSES, Generation, Outcome
+from ..run_index import IndexedRecord, RunIndex, Summary, open_index, readonly_uri, run_stamp
+from ..stats import clustered_rate, fmt_clustered
+from ..store import RunStore
+from ..types import HARD_CAUSES, LABELS, OUTCOME_ROLES, Generation, Outcome
 
 ANY = "any"
 REFUSED_ANY = "refused (any stage)"
@@ -151,200 +156,252 @@ class Row:
     b: Side | None
 
 
-@dataclass
-class RunView:
-    """A run read once: its manifest, table and one `Side` per (root prompt id, seed)."""
-
-    name: str
-    path: Path
-    data: RunData
-    sides: dict[tuple[str, int], Side]
-    prompts: dict[str, Any]
-    """root prompt id -> the Prompt (category, label, text of the original)."""
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.data.manifest
-
-    def table(self) -> Table:
-        return run_table(self.data)
-
-
-def _side(data: RunData, gen: Any, root: Path) -> Side:
-    rid = gen.record_id
-    blank, san, harm = (data.blank.get(rid), data.sanitization.get(rid), data.harm.get(rid))
-    out, cause = data.outcome(rid)
-    side = Side(rid, out, cause)
-    reasons = [f"{d.stage}:{d.name}: {d.message}" for d in gen.decisions if d.message]
+def _side(found: IndexedRecord, root: Path, weights: dict[str, str]) -> Side:
+    """A record's cell: what decided (the refusing stage, or the judge behind a blocked or
+    sanitized image) with its score and threshold, and every stage message and judge reason."""
+    gen, verdicts, out = found.gen, found.verdicts, found.outcome
+    side = Side(gen.record_id, out, found.cause, text=found.text, gen=gen, root=root)
+    side.weights = weights
+    side.reasons = [f"{d.stage}:{d.name}: {d.message}" for d in gen.decisions if d.message]
     if gen.error:
-        reasons.append(f"error: {gen.error}")
+        side.reasons.append(f"error: {gen.error}")
     if out is Outcome.REFUSED and gen.refused_by:
         side.decider = gen.refused_by
         for d in gen.decisions:
             if f"{d.stage}:{d.name}" == gen.refused_by:
                 side.score, side.threshold = d.score, d.threshold
     elif out in (Outcome.BLOCKED, Outcome.SANITIZED):
-        v = blank if out is Outcome.BLOCKED else san
+        v = verdicts.get("blank" if out is Outcome.BLOCKED else "sanitization")
         side.decider = f"judge:{v.judge}" if v else ""
         side.score, side.threshold = (v.score, v.threshold) if v else (None, None)
-    for kind, v in (("blank", blank), ("sanitization", san), ("harm", harm)):
+    for kind in OUTCOME_ROLES:
+        v = verdicts.get(kind)
         if v is not None:
             side.verdicts[kind] = v
             if v.reason:
-                reasons.append(f"{kind}: {v.reason}")
-    side.reasons, side.gen, side.root = reasons, gen, root
+                side.reasons.append(f"{kind}: {v.reason}")
     return side
 
 
+@dataclass
+class RunView:
+    """One run as the explorer reads it: its manifest (read fresh) and its index (`run_index`),
+    from which rows, the summary and single records come; no record is held in memory."""
+
+    name: str
+    path: Path
+    index: RunIndex
+    manifest: dict[str, Any]
+
+    @functools.cached_property
+    def weights(self) -> dict[str, str]:
+        """`stage:name` -> the component's weights, from the manifest."""
+        return {
+            f"{c.get('stage')}:{c.get('name')}": str(c.get("weights", "?"))
+            for c in self.manifest.get("components", [])
+        }
+
+    @property
+    def rows(self) -> int:
+        """Rows the run has: one per (root prompt, seed)."""
+        return self.index.rows
+
+    def summary(self) -> Summary:
+        return self.index.summary()
+
+    def side(self, record_id: str | None) -> Side | None:
+        """The cell of record `record_id`, or None (no record, or its line changed since)."""
+        found = self.index.record(record_id) if record_id else None
+        return None if found is None else _side(found, self.path, self.weights)
+
+
 def load_view(runs_dir: str | Path, name: str) -> RunView:
-    """Read run `name` (relative to `runs_dir`) once; the caller caches it."""
+    """Open run `name` (relative to `runs_dir`) through its index, building the index first
+    when it is missing or older than the run's files."""
     root = Path(runs_dir).resolve()
     path = (root / name).resolve()
     if not path.is_relative_to(root) or path == root:
         raise UserError(f"{name}: not a run under {root}")
-    data = read_run(path)
-    by_id = {p.id: p for p in data.prompts}
-
-    def root_of(pid: str) -> str:
-        seen = set()
-        while pid in by_id and by_id[pid].parent_id and pid not in seen:
-            seen.add(pid)
-            pid = by_id[pid].parent_id
-        return pid
-
-    weights = {
-        f"{c.get('stage')}:{c.get('name')}": str(c.get("weights", "?"))
-        for c in data.manifest.get("components", [])
-    }
-    sides, prompts = {}, {}
-    for gen in data.gens.values():
-        p = by_id.get(gen.prompt_id)
-        if p is None:
-            continue
-        key = (root_of(p.id), gen.seed)
-        side = _side(data, gen, path)
-        side.text, side.weights = p.text, weights
-        sides[key] = side
-        prompts.setdefault(key[0], by_id.get(key[0], p))
-    return RunView(name, path, data, sides, prompts)
+    manifest = RunStore(path).read_manifest()
+    return RunView(name, path, open_index(path), manifest)
 
 
 class ViewCache:
-    """Run views keyed by name, reloaded when a run's record or verdict files change (a run
+    """Run views keyed by name, reopened when a run's record or verdict files change (a run
     still in progress shows its new records on the next filter)."""
 
     def __init__(self, runs_dir: str | Path, keep: int = 4) -> None:
         self.runs_dir = Path(runs_dir).resolve()
         self.keep = keep
-        """Run views kept in memory (least recently used dropped first)."""
-        self._views: dict[str, tuple[tuple, RunView]] = {}
-
-    def _stamp(self, name: str) -> tuple:
-        """What changes when the run does: its manifest, record and verdict files."""
-        store = RunStore(self.runs_dir / name)
-        files = [store.manifest_path]
-        for folder in (store.generations_dir, store.verdicts_dir):
-            if folder.is_dir():
-                files += sorted(folder.iterdir())
-        stamp = []
-        for f in files:
-            try:  # a temp file of an atomic write may vanish between listing and stat
-                st = f.stat()
-            except FileNotFoundError:
-                continue
-            stamp.append((f.name, st.st_mtime_ns, st.st_size))
-        return tuple(stamp)
+        """Run views kept open (the least recently used dropped first)."""
+        self._views: dict[str, RunView] = {}
 
     def get(self, name: str) -> RunView:
-        stamp = self._stamp(name)
         hit = self._views.pop(name, None)
-        if hit is None or hit[0] != stamp:
-            hit = (stamp, load_view(self.runs_dir, name))
+        if hit is not None and hit.index.stamp != run_stamp(RunStore(hit.path)):
+            hit = None  # the old view stays readable for pairings that still hold it
+        if hit is None:
+            hit = load_view(self.runs_dir, name)
         self._views[name] = hit  # most recently used last
         while len(self._views) > self.keep:
             self._views.pop(next(iter(self._views)))
-        return hit[1]
+        return hit
 
 
-def pair_rows(a: RunView, b: RunView | None) -> list[Row]:
-    """One row per (prompt, seed) of A, plus B's rows A lacks; ordered by category then text."""
-    keys = list(a.sides) + ([k for k in b.sides if k not in a.sides] if b else [])
-    rows = []
-    for key in keys:
-        p = a.prompts.get(key[0]) or (b.prompts.get(key[0]) if b else None)
-        if p is None:
-            continue
-        rows.append(
-            Row(key, p.category, p.label, p.text, a.sides.get(key), b.sides.get(key) if b else None)
-        )
-    order = {c: i for i, c in enumerate(CATEGORIES)}
-    rows.sort(key=lambda r: (order.get(r.category, len(order)), r.category, r.text, r.key[1]))
-    return rows
+@dataclass(frozen=True)
+class Filters:
+    """What the page asks for: category, label, an outcome and where it must hold (`SIDES`),
+    and text searched in the prompt (and each run's own prompt text), case-insensitively."""
 
+    category: str = "all"
+    label: str = "all"
+    wanted: str = ANY
+    side: str = "A or B"
+    text: str = ""
 
-def _matches(side: Side | None, wanted: str) -> bool:
-    if side is None:
-        return False
-    if wanted == ANY:
-        return True
-    if wanted == REFUSED_ANY:
-        return side.outcome is Outcome.REFUSED
-    if wanted.startswith(REFUSED_AT):
-        return side.outcome is Outcome.REFUSED and side.cause == wanted.removeprefix(REFUSED_AT)
-    return side.outcome == wanted
+    def __post_init__(self) -> None:
+        if self.wanted not in OUTCOME_FILTERS:
+            raise UserError(
+                f"outcome filter {self.wanted!r}: expected one of {', '.join(OUTCOME_FILTERS)}"
+            )
+        if self.side not in SIDES:
+            raise UserError(f"side {self.side!r}: expected one of {', '.join(SIDES)}")
 
-
-def _refused(side: Side | None) -> bool | None:
-    return None if side is None else side.outcome.is_refusal(soft=True)
-
-
-def filter_rows(
-    rows: list[Row],
-    category: str = "all",
-    label: str = "all",
-    wanted: str = "any",
-    side: str = "A or B",
-    text: str = "",
-) -> list[Row]:
-    """Rows matching every filter. `side` says where `wanted` must hold; "A and B differ" keeps
-    rows where one run refused and the other did not (then `wanted` narrows either side)."""
-    if wanted not in OUTCOME_FILTERS:
-        raise UserError(f"outcome filter {wanted!r}: expected one of {', '.join(OUTCOME_FILTERS)}")
-    if side not in SIDES:
-        raise UserError(f"side {side!r}: expected one of {', '.join(SIDES)}")
-    needle = text.strip().lower()
-    out = []
-    for r in rows:
-        if category != "all" and r.category != category:
-            continue
-        if label != "all" and r.label != label:
-            continue
-        if (
-            needle
-            and needle not in r.text.lower()
-            and not any(s is not None and needle in s.text.lower() for s in (r.a, r.b))
-        ):
-            continue
-        if side == "A":
-            ok = _matches(r.a, wanted)
-        elif side == "B":
-            ok = _matches(r.b, wanted)
-        elif side == "A or B":
-            ok = _matches(r.a, wanted) or _matches(r.b, wanted)
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition over the pair table's columns, and its parameters."""
+        conds: list[str] = []
+        params: list[Any] = []
+        for column, value in (("category", self.category), ("label", self.label)):
+            if value != "all":
+                conds.append(f"{column} = ?")
+                params.append(value)
+        needle = self.text.strip().lower()
+        if needle:
+            conds.append("(instr(text_lc, ?) OR instr(a_text_lc, ?) OR instr(b_text_lc, ?))")
+            params += [needle] * 3
+        a, a_params = self._matches("a")
+        b, b_params = self._matches("b")
+        if self.side == "A":
+            conds.append(a)
+            params += a_params
+        elif self.side == "B":
+            conds.append(b)
+            params += b_params
         else:
-            ra, rb = _refused(r.a), _refused(r.b)
-            ok = ra is not None and rb is not None and ra != rb
-            ok = ok and (_matches(r.a, wanted) or _matches(r.b, wanted))
-        if ok:
-            out.append(r)
-    return out
+            if self.side == "A and B differ":  # one refused, the other did not (both counted)
+                conds.append("a_refused IS NOT NULL AND b_refused IS NOT NULL")
+                conds.append("a_refused != b_refused")
+            conds.append(f"({a} OR {b})")
+            params += a_params + b_params
+        return " AND ".join(conds) or "1", params
+
+    def _matches(self, side: str) -> tuple[str, list[Any]]:
+        """Whether run `side`'s record has the wanted outcome (never, when it has no record)."""
+        if self.wanted == ANY:
+            return f"{side}_rid IS NOT NULL", []
+        if self.wanted == REFUSED_ANY:
+            return f"{side}_outcome = ?", [Outcome.REFUSED.value]
+        if self.wanted.startswith(REFUSED_AT):
+            stage = self.wanted.removeprefix(REFUSED_AT)
+            return f"({side}_outcome = ? AND {side}_cause = ?)", [Outcome.REFUSED.value, stage]
+        return f"{side}_outcome = ?", [self.wanted]
 
 
-def page_of(rows: list[Row], page: int, size: int = PAGE_SIZE) -> tuple[list[Row], int, int]:
-    """(rows of page `page` (1-based, clamped), the clamped page, number of pages)."""
-    pages = max(1, -(-len(rows) // size))
+_SIDE_COLUMNS = ("rid", "text_lc", "outcome", "cause", "refused")
+_PAIR_COLUMNS = "root, seed, category, label, text, text_lc, " + ", ".join(
+    f"{s}_{c}" for s in "ab" for c in _SIDE_COLUMNS
+)
+
+
+class Pairing:
+    """Runs A and B matched row by row by (root prompt, seed), queried page by page.
+
+    One row per (prompt, seed) of A, plus B's rows A lacks, ordered by category then text. The
+    pair table lives in a private temporary SQLite database (on disk, deleted when closed) over
+    the two runs' indexes, attached read-only; run A alone is queried in its index directly.
+    """
+
+    def __init__(self, a: RunView, b: RunView | None) -> None:
+        self.a, self.b = a, b
+        self.conn = sqlite3.connect("", check_same_thread=False)
+        self.conn.execute("ATTACH DATABASE ? AS a", (readonly_uri(a.index.path),))
+        side_a = ", ".join(f"ra.{_col(c)} AS a_{c}" for c in _SIDE_COLUMNS)
+        if b is None:
+            self.conn.execute(
+                f"CREATE TEMP VIEW pair AS SELECT pos, root, seed, category, label, text, "
+                f"text_lc, {side_a}, "
+                + ", ".join(f"NULL AS b_{c}" for c in _SIDE_COLUMNS)
+                + " FROM a.rows ra"
+            )
+        else:
+            self.conn.execute("ATTACH DATABASE ? AS b", (readonly_uri(b.index.path),))
+            self._pair(side_a)
+        self.total: int = self.conn.execute("SELECT COUNT(*) FROM pair").fetchone()[0]
+        """Rows in all."""
+
+    def _pair(self, side_a: str) -> None:
+        side_b = ", ".join(f"rb.{_col(c)} AS b_{c}" for c in _SIDE_COLUMNS)
+        no_a = ", ".join(f"NULL AS a_{c}" for c in _SIDE_COLUMNS)
+        self.conn.executescript(
+            f"""
+            CREATE TABLE pair(pos INTEGER PRIMARY KEY, {_PAIR_COLUMNS});
+            INSERT INTO pair({_PAIR_COLUMNS})
+            SELECT {_PAIR_COLUMNS} FROM (
+                SELECT ra.root, ra.seed, ra.catpos, ra.category, ra.label, ra.text, ra.text_lc,
+                       {side_a}, {side_b}, 0 AS part, ra.first AS first
+                FROM a.rows ra LEFT JOIN b.rows rb ON rb.root = ra.root AND rb.seed = ra.seed
+                UNION ALL
+                SELECT rb.root, rb.seed, COALESCE(ao.catpos, rb.catpos),
+                       COALESCE(ao.category, rb.category), COALESCE(ao.label, rb.label),
+                       COALESCE(ao.text, rb.text), COALESCE(ao.text_lc, rb.text_lc),
+                       {no_a}, {side_b}, 1 AS part, rb.first AS first
+                FROM b.rows rb LEFT JOIN a.roots ao ON ao.root = rb.root
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM a.rows ra WHERE ra.root = rb.root AND ra.seed = rb.seed)
+            ) ORDER BY catpos, category, text, seed, part, first;
+            """
+        )
+
+    def count(self, filters: Filters) -> int:
+        """Rows matching `filters`."""
+        where, params = filters.where()
+        return self.conn.execute(f"SELECT COUNT(*) FROM pair WHERE {where}", params).fetchone()[0]
+
+    def rows(self, filters: Filters, offset: int = 0, limit: int | None = None) -> list[Row]:
+        """Matching rows `offset` to `offset + limit` (all with `limit` None), in order, with
+        each run's record read for the rows returned only."""
+        where, params = filters.where()
+        found = self.conn.execute(
+            f"SELECT root, seed, category, label, text, a_rid, b_rid FROM pair WHERE {where} "
+            "ORDER BY pos LIMIT ? OFFSET ?",
+            [*params, -1 if limit is None else limit, offset],
+        ).fetchall()
+        return [
+            Row(
+                (root, seed),
+                category,
+                label,
+                text,
+                self.a.side(a_rid),
+                self.b.side(b_rid) if self.b is not None else None,
+            )
+            for root, seed, category, label, text, a_rid, b_rid in found
+        ]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _col(name: str) -> str:
+    """The column of a run's `rows` table behind a side column of the pair table."""
+    return "side_text_lc" if name == "text_lc" else name
+
+
+def page_of(hits: int, page: int, size: int = PAGE_SIZE) -> tuple[int, int, int]:
+    """(the page `page` clamped to 1..pages, number of pages, offset of its first row)."""
+    pages = max(1, -(-hits // size))
     page = min(max(1, int(page)), pages)
-    return rows[(page - 1) * size : page * size], page, pages
+    return page, pages, (page - 1) * size
 
 
 #: The explorer's own image route (relative, so a page served under a root path still finds it).
@@ -378,7 +435,7 @@ def image_type(data: bytes) -> str | None:
 def read_image(view: RunView, record_id: str) -> tuple[bytes, str] | None:
     """(bytes, content type) of record `record_id`'s image in `view`, or None when the run has
     no such record, the record no image inside its run directory, or the file is not an image."""
-    gen = view.data.gens.get(record_id)
+    gen = view.index.generation(record_id)
     path = None if gen is None else _image_path(view.path, gen)
     if path is None:
         return None
@@ -393,11 +450,11 @@ def read_image(view: RunView, record_id: str) -> tuple[bytes, str] | None:
 def summary_rows(view: RunView) -> list[list[str]]:
     """Per category: benign over-refusal and unsafe refusal as `rate (k / n) [CI]`, the interval
     clustering seeds within prompts as the report does."""
-    table = view.table()
+    summary = view.summary()
     out = []
-    for cat in table.categories:
-        b, u = table.cell(cat, "benign"), table.cell(cat, "unsafe")
-        out.append([view.name, cat, fmt_clustered(b.refusal), fmt_clustered(u.refusal)])
-    b, u = table.micro("benign"), table.micro("unsafe")
-    out.append([view.name, "all (micro)", fmt_clustered(b.refusal), fmt_clustered(u.refusal)])
+    for cat in summary.categories:
+        b, u = summary.cell(cat, "benign"), summary.cell(cat, "unsafe")
+        out.append([view.name, cat, fmt_clustered(b), fmt_clustered(u)])
+    b, u = (summary.micro.get(lab) or clustered_rate([]) for lab in LABELS)
+    out.append([view.name, "all (micro)", fmt_clustered(b), fmt_clustered(u)])
     return out
