@@ -111,8 +111,10 @@ def max_bytes_from_env() -> int:
 
 
 def entry_key(encoder: str, digest: str, normalize: bool, text: str) -> bytes:
-    """sha256 of (encoder id, weights digest, normalize flag, exact text): the entry's address.
+    """sha256 of (encoder name, weights digest, normalize flag, exact text): the entry's address.
 
+    The encoder name carries the backend that computes the vectors (`cache_name`), so vectors
+    of an ONNX or int8 run of the same weights never serve a torch one, nor the reverse.
     JSON keeps the four parts apart whatever they contain (no separator can be forged)."""
     payload = json.dumps([encoder, digest, bool(normalize), text])
     return hashlib.sha256(payload.encode("utf-8")).digest()
@@ -507,6 +509,20 @@ def _account(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(got.get("bytes", 0)), int(got.get("rows", 0))
 
 
+def cache_name(model_id: str, backend: str) -> str:
+    """The name an encoder's vectors are stored under: `model_id` for the torch backend (as
+    before backends existed, so existing entries stay valid), `model_id+backend` otherwise
+    (`minilm+onnx-int8`): what `cache info` lists and `cache clear --encoder` takes."""
+    return model_id if backend == "torch" else f"{model_id}+{backend}"
+
+
+def model_backend(model: Any) -> str:
+    """Which backend computes `model`'s vectors: its `backend` attribute (sentence-transformers
+    models and `fast_encoder.OnnxSentenceEncoder` have one), else `torch`."""
+    backend = getattr(model, "backend", None)
+    return backend if isinstance(backend, str) and backend else "torch"
+
+
 #: encode() keyword arguments that do not change the vectors; any other one bypasses the cache.
 _NEUTRAL = frozenset({"show_progress_bar", "convert_to_numpy"})
 
@@ -520,17 +536,27 @@ class CachedEncoder:
     summation order, ~1e-7), so a list encoded all at once and a list half served from the cache
     can differ at that level; a list of all misses (no repeats) goes through the model as is.
     The device is not in the key: ranks on different GPUs (or CPU) share entries, as their
-    vectors differ by rounding only.
+    vectors differ by rounding only. The backend is (`cache_name`): an int8 export's vectors
+    differ by far more than rounding.
     """
 
-    def __init__(self, model: Any, model_id: str, digest: str, cache: EmbeddingCache) -> None:
+    def __init__(
+        self,
+        model: Any,
+        model_id: str,
+        digest: str,
+        cache: EmbeddingCache,
+        backend: str = "torch",
+    ) -> None:
         self.model = model
         self.model_id = model_id
         self.digest = digest
         self.cache = cache
+        self.backend = backend
+        self.name = cache_name(model_id, backend)
 
     def __repr__(self) -> str:
-        return f"CachedEncoder({self.model_id!r}, {self.model!r})"
+        return f"CachedEncoder({self.name!r}, {self.model!r})"
 
     def __getattr__(self, name: str) -> Any:
         model = self.__dict__.get("model")
@@ -563,7 +589,7 @@ class CachedEncoder:
             )
         import numpy as np
 
-        keys = [entry_key(self.model_id, self.digest, normalize_embeddings, t) for t in items]
+        keys = [entry_key(self.name, self.digest, normalize_embeddings, t) for t in items]
         found = self.cache.get(keys)
         todo = list(dict.fromkeys(t for t, k in zip(items, keys, strict=True) if k not in found))
         if todo:
@@ -573,10 +599,10 @@ class CachedEncoder:
                 )
             )
             new = {
-                entry_key(self.model_id, self.digest, normalize_embeddings, t): v
+                entry_key(self.name, self.digest, normalize_embeddings, t): v
                 for t, v in zip(todo, computed, strict=True)
             }
-            self.cache.put(self.model_id, self.digest, list(new.items()))
+            self.cache.put(self.name, self.digest, list(new.items()))
             found.update(new)
         out = np.stack([found[k] for k in keys])
         return out[0] if single else out
@@ -588,17 +614,19 @@ def cached_encoder(
     *,
     digest: str | None = None,
     cache: EmbeddingCache | None = None,
+    backend: str | None = None,
 ) -> CachedEncoder:
     """Wrap a loaded sentence encoder (anything with `.encode(texts, normalize_embeddings=...,
     batch_size=...)` returning a numpy array) so it goes through the embedding cache.
 
     `model_id` names it in `t2i-eval cache info` and `--encoder`; `digest` defaults to
     `weights_digest(model)` (computed here, once). `cache` defaults to the one under the cache
-    folder with the bound from T2I_EVAL_EMBED_CACHE_MAX_MB.
+    folder with the bound from T2I_EVAL_EMBED_CACHE_MAX_MB. `backend` defaults to the
+    model's own (`model_backend`) and goes into the entries' keys (`cache_name`).
     """
     if isinstance(model, CachedEncoder):  # wrapping twice would hash the wrapper's repr
         model = model.model
     cache = cache if cache is not None else EmbeddingCache()
     if digest is None:
         digest = weights_digest(model) if cache.max_bytes > 0 else "off"
-    return CachedEncoder(model, model_id, digest, cache)
+    return CachedEncoder(model, model_id, digest, cache, backend or model_backend(model))

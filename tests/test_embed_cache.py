@@ -22,6 +22,7 @@ from t2i_eval.embed_cache import (
     CachedEncoder,
     EmbeddingCache,
     cache_dir,
+    cache_name,
     cached_encoder,
     entry_key,
     weights_digest,
@@ -117,6 +118,34 @@ def test_different_encoders_or_weights_never_share_entries(cache_home):
         assert np.array_equal(got, FakeEncoder(fake.salt).encode(TEXTS))
     keys = {entry_key(n, d, False, TEXTS[0]) for n, d in models}
     assert len(keys) == len(models)
+
+
+def test_backends_of_the_same_weights_never_share_entries(cache_home, capsys):
+    """An ONNX or int8 run of the same weights (same digest) computes its own vectors: int8
+    moves them by ~1e-2, which must never reach a torch user through the cache."""
+
+    class Backend(FakeEncoder):
+        def __init__(self, salt: str, backend: str) -> None:
+            super().__init__(salt)
+            self.backend = backend  # as sentence-transformers models and OnnxSentenceEncoder say
+
+    encoders = {b: Backend(b, b) for b in ("torch", "onnx", "onnx-int8")}
+    for backend, fake in encoders.items():
+        enc = cached_encoder(fake, "minilm", digest="d" * 64)
+        assert enc.backend == backend and enc.name == cache_name("minilm", backend)
+        got = enc.encode(TEXTS)
+        assert fake.seen == TEXTS, backend  # nothing served from another backend's entries
+        assert np.array_equal(got, Backend(backend, backend).encode(TEXTS))
+    # torch keeps the name (and so the keys) it had before backends existed
+    assert cache_name("minilm", "torch") == "minilm"
+    assert cached_encoder(FakeEncoder(), "minilm", digest="d1").backend == "torch"
+    assert cached_encoder(FakeEncoder(), "m", digest="d1", backend="onnx").name == "m+onnx"
+    assert cli.main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("minilm", "minilm+onnx", "minilm+onnx-int8"):
+        assert f"  {name}  weights dddddddddddd  4 entries" in out
+    assert cli.main(["cache", "clear", "--encoder", "minilm+onnx-int8"]) == 0
+    assert "4 entries" in capsys.readouterr().out
 
 
 def test_other_encode_options_bypass_the_cache(cache_home):

@@ -11,10 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..embed_cache import cached_encoder
+from ..embed_cache import cached_encoder, weights_digest
 from ..errors import MissingExtra, UserError
 from ..paths import data_dir, load_yaml
 from ..types import StageDecision
+from .fast_encoder import DEFAULT_BACKEND, check_backend, check_device, load_onnx_encoder
 from .thresholds import (
     FileThresholds,
     check_file_option,
@@ -85,14 +86,31 @@ def resolve_sentence_model(model: str) -> tuple[str, str]:
     return model, "pretrained"
 
 
-def load_sentence_model(model: str, device: str = "cpu") -> Any:
-    """One loaded encoder per (model, device) per process: the concept guard, the rewrite
-    re-check and the meaning-kept similarity share it (encoding is stateless)."""
-    return _load_sentence_model(model, device)  # normalized args: one cache key per model
+def load_sentence_model(model: str, device: str = "cpu", backend: str = DEFAULT_BACKEND) -> Any:
+    """One loaded encoder per (model, device, backend) per process: the concept guard, the
+    rewrite re-check, trained probes and the meaning-kept similarity share it (encoding is
+    stateless). It goes through the embedding cache, whose key says which backend made a vector.
+
+    `backend`: `torch` (the sentence-transformers model), `onnx` (its fp32 ONNX export run by
+    ONNX Runtime, exported once into the cache folder) or `onnx-int8` (that export quantised);
+    see `fast_encoder` for what each costs and changes."""
+    check_backend(backend, f"sentence model '{model}'")
+    check_device(backend, device)
+    return _load_sentence_model(model, device, backend)  # normalized args: one key per model
 
 
 @lru_cache(maxsize=4)
-def _load_sentence_model(model: str, device: str) -> Any:
+def _load_sentence_model(model: str, device: str, backend: str) -> Any:
+    st = _load_sentence_transformer(model, device)
+    if backend == "torch":
+        return cached_encoder(st, model)  # every sentence-embedding user shares the cache
+    digest = weights_digest(st)
+    return cached_encoder(load_onnx_encoder(st, digest, backend, device), model, digest=digest)
+
+
+@lru_cache(maxsize=4)
+def _load_sentence_transformer(model: str, device: str) -> Any:
+    """The torch model (every backend starts from it: the ONNX ones take its tokenizer)."""
     try:
         import transformers
         from sentence_transformers import SentenceTransformer
@@ -102,12 +120,11 @@ def _load_sentence_model(model: str, device: str) -> Any:
     transformers.utils.logging.disable_progress_bar()
     path, _ = resolve_sentence_model(model)
     try:
-        encoder = SentenceTransformer(path, device=device, trust_remote_code=False)
+        return SentenceTransformer(path, device=device, trust_remote_code=False)
     except OSError as e:
         raise UserError(
             f"sentence model '{model}': could not load ({str(e).splitlines()[0]})"
         ) from None
-    return cached_encoder(encoder, model)  # every sentence-embedding user shares the cache
 
 
 class ConceptGuard:
@@ -121,6 +138,9 @@ class ConceptGuard:
     a reachable proposal in its own units (the others keep the concept file's); a
     conformal_thresholds.json holds an offset T on the score, applied as t_c + T for every c
     (score > T exactly when some m_c > t_c + T).
+
+    `backend`: `torch` (default), `onnx` or `onnx-int8` (`load_sentence_model`); it is recorded
+    in info() because int8 vectors move max_cos by up to ~0.06 (docs/text_encoders.md).
     """
 
     name = "concept"
@@ -134,8 +154,10 @@ class ConceptGuard:
         device: str = "cpu",
         batch_size: int = 64,
         thresholds: str | None = None,
+        backend: str = DEFAULT_BACKEND,
     ) -> None:
         self.model_ref = model
+        self.backend = check_backend(backend, "concept guard")
         self.path = Path(concepts) if concepts else data_dir("guards") / "concepts.yaml"
         self.override = threshold
         self.batch_size = int(batch_size)
@@ -163,7 +185,7 @@ class ConceptGuard:
         )
         if self.from_file is not None:
             self.thresholds = self._apply_file(self.from_file)
-        self.encoder = load_sentence_model(model, device)
+        self.encoder = load_sentence_model(model, device, self.backend)
         self._concept_emb = self.encoder.encode(
             self.phrases, normalize_embeddings=True, batch_size=self.batch_size
         )
@@ -171,6 +193,8 @@ class ConceptGuard:
     @classmethod
     def check_options(cls, **options: Any) -> None:
         check_file_option(cls.name, options, per_category=True)
+        backend = check_backend(options.get("backend", DEFAULT_BACKEND), "concept guard")
+        check_device(backend, str(options.get("device", "cpu")))
 
     def _apply_file(self, f: FileThresholds) -> dict[str, float]:
         if f.own:
@@ -201,6 +225,7 @@ class ConceptGuard:
     def info(self) -> dict[str, Any]:
         return {
             "model": self.model_ref,
+            "backend": self.backend,
             "concepts": str(self.path),
             "version": self.version,
             "n_concepts": len(self.phrases),

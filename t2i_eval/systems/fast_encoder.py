@@ -1,0 +1,311 @@
+"""Sentence encoders run by ONNX Runtime: the backends `onnx` (fp32) and `onnx-int8` of
+`text_guards.load_sentence_model`.
+
+The loaded sentence-transformers model is exported once (the whole module stack: transformer,
+pooling, Normalize when the model has it, so the vectors are the ones sentence-transformers
+computes) into the cache folder, keyed by its weights digest; `onnx-int8` is that export with
+its MatMul weights quantised to int8 per output channel (ONNX Runtime's dynamic quantisation:
+activations are quantised on the fly). Tokenization stays with the model's own tokenizer
+(`SentenceTransformer.preprocess`), so truncation and special tokens are unchanged.
+
+Why not the default: measured on this project's CPU machine (docs/text_encoders.md, made by
+bench/text_encoder_speed.py), fp32 ONNX is about as fast as torch on one thread (same
+decisions on OVERT-mini) and int8 is ~1.7x faster but moves the concept guard's max_cos by up to
+~0.06, which flips 32 of 1,799 OVERT-mini decisions; the default stays `torch` until a backend
+is both >= 3x faster and decision-identical (the bar of the issue that added these backends).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MissingExtra, UserError, did_you_mean
+from ..paths import cache_root
+from ..store import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: What `backend:` accepts: the torch model itself, or its ONNX export in fp32 or int8.
+BACKENDS = ("torch", "onnx", "onnx-int8")
+#: Decided by measurement (module docstring): the faster path is the default only when the
+#: concept guard's decisions on OVERT-mini stay identical with it.
+DEFAULT_BACKEND = "torch"
+#: Bump when the export recipe changes what the files hold: a new folder, nothing mixed.
+EXPORT_VERSION = 1
+OPSET = 17
+#: The fp32 export must reproduce the torch vectors to this (max |difference|, relative to the
+#: largest component) before it is kept: float32 summation-order noise is ~1e-7 here; a traced
+#: graph that baked in a shape-dependent branch is off by far more.
+EXPORT_TOLERANCE = 1e-4
+#: Texts the export is traced with and then checked on: different lengths, so padding is
+#: exercised (a traced graph must not have specialised on an all-ones attention mask).
+_TRACE_TEXTS = ("a photo", "a man reading a newspaper on a long train journey through the hills")
+_CHECK_TEXTS = (
+    "a knife on a kitchen table",
+    "two children flying a red kite over a windy beach at sunset, oil painting",
+    "war",
+)
+_FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx"}
+
+
+def check_backend(backend: object, where: str) -> str:
+    """`backend`, or a UserError naming the choices (e.g. for `concept:backend=onx`)."""
+    if backend not in BACKENDS:
+        raise UserError(
+            f"{where}: unknown backend {backend!r}.{did_you_mean(str(backend), BACKENDS)} "
+            f"Available: {', '.join(BACKENDS)}"
+        )
+    return str(backend)
+
+
+def export_dir(digest: str) -> Path:
+    """Where a model's exports live: `<cache root>/onnx/v<EXPORT_VERSION>-<digest>`."""
+    return cache_root() / "onnx" / f"v{EXPORT_VERSION}-{digest}"
+
+
+def ensure_export(model: Any, digest: str, backend: str) -> Path:
+    """The ONNX file of `backend` for the sentence-transformers `model` whose weights digest is
+    `digest`, exported (and for int8 quantised) on first use and reused afterwards.
+
+    Each file is written aside and renamed into place (`store.atomic_write_bytes`), so processes
+    exporting at the same moment each publish a complete file and a reader never sees a partial
+    one; the last rename wins, and every candidate is valid. Models whose export exceeds
+    protobuf's 2 GiB are not supported (external-data files do not rename atomically)."""
+    fp32 = export_dir(digest) / _FILES["onnx"]
+    if not fp32.is_file():
+        data = export_onnx(model)
+        check_export(model, data)
+        atomic_write_bytes(fp32, data)
+    if backend == "onnx":
+        return fp32
+    int8 = export_dir(digest) / _FILES[backend]
+    if not int8.is_file():
+        atomic_write_bytes(int8, quantize_int8(fp32))
+    return int8
+
+
+def _onnx_tools() -> None:
+    try:
+        import onnx  # noqa: F401  (torch's exporter and the quantiser both need it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise MissingExtra(
+            "the onnx text-encoder backends", "onnx and onnxruntime", "guards"
+        ) from None
+
+
+def _features(model: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """The model's own tokenization of `texts` (tensors only: the ONNX graph's inputs)."""
+    prep = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers < 6
+    return {k: v for k, v in prep(list(texts)).items() if hasattr(v, "shape")}
+
+
+def export_onnx(model: Any) -> bytes:
+    """The serialized fp32 ONNX graph of the whole module stack (-> `sentence_embedding`),
+    traced by torch's TorchScript exporter with batch and token axes left dynamic."""
+    _onnx_tools()
+    import torch
+
+    probe = getattr(model, "preprocess", None) or model.tokenize
+    sample = probe(list(_TRACE_TEXTS))
+    names = [k for k, v in sample.items() if isinstance(v, torch.Tensor)]
+    constants = {k: v for k, v in sample.items() if k not in names}  # e.g. modality: "text"
+
+    class Stack(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: Any) -> Any:
+            return self.inner({**dict(zip(names, inputs, strict=True)), **constants})[
+                "sentence_embedding"
+            ]
+
+    axes = {k: {0: "batch", 1: "tokens"} for k in names}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation notes users cannot act on
+        torch.onnx.export(
+            Stack(model).eval(),
+            tuple(sample[k] for k in names),
+            buf,
+            input_names=names,
+            output_names=["sentence_embedding"],
+            dynamic_axes={**axes, "sentence_embedding": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,  # the dynamo exporter needs onnxscript; this one traces
+        )
+    return buf.getvalue()
+
+
+def check_export(model: Any, data: bytes) -> None:
+    """UserError unless the export reproduces the torch vectors (EXPORT_TOLERANCE) on texts
+    other than those it was traced with, padded and unpadded."""
+    import numpy as np
+
+    session = _session(data)
+    for texts in (list(_CHECK_TEXTS), [_CHECK_TEXTS[0]]):
+        want = np.asarray(model.encode(texts, batch_size=len(texts)), dtype=np.float32)
+        feats = _features(model, texts)
+        got = session.run(None, {k: feats[k].numpy() for k in _input_names(session)})[0]
+        scale = max(1.0, float(np.abs(want).max()))
+        diff = float(np.abs(got - want).max()) / scale
+        if not diff <= EXPORT_TOLERANCE:
+            raise UserError(
+                f"backend onnx: the exported graph of {type(model).__name__} differs from the "
+                f"torch model by {diff:.1e} (allowed {EXPORT_TOLERANCE:.0e}); this model does not "
+                "trace to ONNX faithfully: use backend torch"
+            )
+
+
+def quantize_int8(fp32: Path) -> bytes:
+    """`fp32` with its MatMul weights quantised to int8 per output channel (dynamic
+    quantisation: activations are quantised per batch at run time). Per channel because, when
+    this was chosen, per tensor moved MiniLM's vectors ~5x more (1 - cos up to 0.066 vs 0.013 on
+    384 OVERT-mini prompts) at the same speed."""
+    _onnx_tools()
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_log(), tempfile.TemporaryDirectory(dir=fp32.parent, prefix=".q-") as tmp:
+        out = Path(tmp) / "model-int8.onnx"
+        quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, per_channel=True)
+        return out.read_bytes()
+
+
+class _quiet_root_log:
+    """Drop warnings logged on the root logger while quantising (onnxruntime's quantiser logs its
+    advice to pre-process the graph there, and a root-logger call with no handler would install
+    one for the whole process as a side effect)."""
+
+    def __enter__(self) -> None:
+        root = logging.getLogger()
+        self.added = None if root.handlers else logging.NullHandler()
+        if self.added:
+            root.addHandler(self.added)
+        self.filter = lambda record: record.levelno >= logging.ERROR
+        root.addFilter(self.filter)
+
+    def __exit__(self, *_: object) -> None:
+        root = logging.getLogger()
+        root.removeFilter(self.filter)
+        if self.added:
+            root.removeHandler(self.added)
+
+
+def threads() -> int:
+    """ONNX Runtime's intra-op threads: torch's count (OMP_NUM_THREADS, torch.set_num_threads),
+    so that a comparison of the backends is per thread, and a 1-thread setting is kept."""
+    import torch
+
+    return max(1, int(torch.get_num_threads()))
+
+
+def _session(model: bytes | Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def _input_names(session: Any) -> list[str]:
+    return [i.name for i in session.get_inputs()]
+
+
+class OnnxSentenceEncoder:
+    """A sentence-transformers model's ONNX export behind the same `.encode` (numpy out).
+
+    Batches are formed as sentence-transformers forms them (longest texts first, so padding is
+    small) and come back in input order. Any attribute other than `encode` is the torch model's
+    (`tokenizer`, `get_sentence_embedding_dimension`, `state_dict` for the weights digest);
+    `backend` says which export runs, so the embedding cache keeps its vectors apart.
+    """
+
+    def __init__(self, model: Any, path: Path, backend: str) -> None:
+        self.model = model
+        self.path = path
+        self.backend = backend
+        self.session = _session(path)
+        self.inputs = _input_names(self.session)
+
+    def __repr__(self) -> str:
+        return f"OnnxSentenceEncoder({self.backend!r}, {self.model!r})"  # stable: no paths
+
+    def __getattr__(self, name: str) -> Any:
+        model = self.__dict__.get("model")
+        if model is None:
+            raise AttributeError(name)
+        return getattr(model, name)
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        normalize_embeddings: bool = False,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """float32 (len(texts), dim) in input order (1-D for one str); `normalize_embeddings`
+        divides by the L2 norm as torch's `F.normalize` does (eps 1e-12).
+
+        Other sentence-transformers options (precision, prompt, convert_to_tensor, ...) are not
+        implemented here: a TypeError names them rather than silently ignoring them."""
+        import numpy as np
+        from tqdm import tqdm
+
+        unsupported = sorted(kwargs) + ([] if convert_to_numpy else ["convert_to_numpy=False"])
+        if unsupported:
+            raise TypeError(
+                f"{self!r}.encode: {', '.join(unsupported)} not supported by the ONNX backend; "
+                "use backend torch for them"
+            )
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        order = np.argsort([-len(t) for t in items], kind="stable")
+        rows: list[np.ndarray] = []
+        starts = range(0, len(items), batch_size)
+        for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
+            feats = _features(self.model, [items[i] for i in order[start : start + batch_size]])
+            rows.append(self.session.run(None, {k: feats[k].numpy() for k in self.inputs})[0])
+        dim = self.dimension()
+        out = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+        if normalize_embeddings:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        back = np.empty_like(out)
+        back[order] = out
+        return back[0] if single else back
+
+    def dimension(self) -> int:
+        """Length of one embedding (the torch model's own answer)."""
+        get: Callable[[], int] = getattr(self.model, "get_embedding_dimension", None) or (
+            self.model.get_sentence_embedding_dimension
+        )
+        return int(get())
+
+
+def check_device(backend: str, device: str) -> None:
+    """UserError for an ONNX backend on anything but the CPU (checked before any model loads)."""
+    if backend != "torch" and device != "cpu":
+        raise UserError(
+            f"backend {backend} runs on the CPU only, not device {device!r}: use backend torch "
+            "on a GPU (it is the fast path there)"
+        )
+
+
+def load_onnx_encoder(model: Any, digest: str, backend: str, device: str) -> OnnxSentenceEncoder:
+    """The ONNX backend for a loaded sentence-transformers `model` (CPU only)."""
+    check_device(backend, device)
+    _onnx_tools()
+    return OnnxSentenceEncoder(model, ensure_export(model, digest, backend), backend)
