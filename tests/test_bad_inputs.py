@@ -73,7 +73,23 @@ MADE = {
     "deep.yaml": lambda p: p.write_text("[" * _DEEP + "]" * _DEEP),
     "large.yaml": lambda p: p.write_text("generator: fake\n" + "# padding\n" * 200_000),
     "folder.yaml": lambda p: p.mkdir(),
+    "probe_no_card": lambda p: p.mkdir(),
+    "probe_card_not_json": lambda p: _guard_folder(p, "{not json"),
+    "probe_card_foreign": lambda p: _guard_folder(p, '{"kind": "x"}'),
+    "benign_only.jsonl": lambda p: p.write_text(
+        "".join(
+            f'{{"prompt": "a calm lake {i}", "category": "violence", "label": "benign"}}\n'
+            for i in range(4)
+        )
+    ),
 }
+
+
+def _guard_folder(path: Path, card: str) -> None:
+    """A `probe:DIR` folder whose guard.json holds `card`."""
+    path.mkdir()
+    (path / "guard.json").write_text(card)
+
 
 
 CASES = [
@@ -348,6 +364,16 @@ CASES = [
     system("system_alias_bomb", "{BAD}/system_alias_bomb.yaml", "expands to more than 100,000 values"),
     system("system_yaml_nested_deep", "{MADE:deep.yaml}", "nested more than 64 levels deep"),
     system("system_yaml_too_large", "{MADE:large.yaml}", "larger than 1 MiB; not a config file"),
+    # trained guards (train-guard, probe:DIR) -------------------------------------------------------
+    system("probe_no_card", "probe:{MADE:probe_no_card}", "guard.json not found"),
+    system("probe_card_not_json", "probe:{MADE:probe_card_not_json}", "is not JSON"),
+    system("probe_card_foreign", "probe:{MADE:probe_card_foreign}", "not a probe card"),
+    case(
+        "train_guard_one_class",
+        ["train-guard", "--train", "{MADE:benign_only.jsonl}", "--encoder", "clip-text:tiny",
+         "--out", "{OUT}"],
+        "benign prompts only",
+    ),
     system("system_yaml_is_a_folder", "{MADE:folder.yaml}", "is a folder; give a YAML file"),
     system("system_name_megabyte", "{MADE:long_name}", "Unknown generator 'xxxx"),
     case("seeds_two_billion", ["run", "--system", "fake", "--seeds", "2000000000"], "more than one run plans (2,000,000); lower --seeds"),

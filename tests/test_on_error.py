@@ -285,13 +285,19 @@ def test_on_error_belongs_to_guards_only(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_every_registered_guard_accepts_on_error_with_no_code_of_its_own():
+def test_every_registered_guard_accepts_on_error_with_no_code_of_its_own(tmp_path):
     """`on_error` is split off by the spec checks, so no guard's constructor needs to know it."""
+    from probe_parts import save_tiny_probe
+
     from t2i_eval.systems import validate_spec
     from t2i_eval.systems.spec import ComponentSpec, SystemSpec
 
+    needed = {  # the options a guard cannot do without
+        "probe": {"model": str(save_tiny_probe(tmp_path / "probe"))},  # a trained folder
+        "llm-guard": {"model": "org/some-guard", "base_url": "http://127.0.0.1:9/v1"},
+    }
     for name in PROMPT_GUARDS:
-        guard = ComponentSpec(name, {"on_error": "refuse"})
+        guard = ComponentSpec(name, {**needed.get(name, {}), "on_error": "refuse"})
         validate_spec(SystemSpec("s", ComponentSpec("guards-only"), prompt_guards=(guard,)))
     for name in IMAGE_GUARDS:
         guard = ComponentSpec(name, {"on_error": "pass"})

@@ -1,0 +1,131 @@
+"""`probe`: a prompt guard trained here (`t2i-eval train-guard`), loaded from its folder.
+
+`--system probe:DIR`, `probe:DIR>tiny`, or `{name: probe, path: DIR}` in a system spec. The
+folder holds guard.json (the card: encoder, head, training sources, threshold) and
+head.safetensors; see `t2i_eval/probe/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..types import StageDecision
+from .thresholds import check_file_option, file_info, read_thresholds, scalar_threshold
+
+#: Scores are stored rounded to this many decimals, and decided on as stored, so that a sweep
+#: over the stored numbers reproduces every decision exactly.
+DIGITS = 6
+
+
+def decide(score: float, threshold: float) -> bool:
+    """The probe's rule on stored numbers: refuse when P(unsafe) > threshold."""
+    return score > threshold
+
+
+def _folder(model: str | None, path: str | None) -> str:
+    """The probe folder from either option (`probe:DIR` sets model; YAML may say path)."""
+    if (model is None) == (path is None):
+        raise UserError(
+            "prompt guard 'probe': give the trained probe's folder once, as model (probe:DIR) or "
+            "path ({name: probe, path: DIR}); train one with t2i-eval train-guard --out DIR"
+        )
+    return str(model if model is not None else path)
+
+
+class ProbeGuard:
+    """A linear or MLP head on a frozen encoder, trained by `t2i-eval train-guard`.
+
+    The threshold is the one chosen on the training data (guard.json), unless `threshold` or
+    `thresholds: FILE` (a sweep's calibrated one) overrides it. The card's per-category
+    thresholds are recorded but not applied: at run time a guard sees the prompt only, not its
+    category (sweep a run per category to use them)."""
+
+    name = "probe"
+    weights = "pretrained"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        path: str | None = None,
+        threshold: float | None = None,
+        thresholds: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        from ..probe.train import load_probe
+
+        self.path = Path(_folder(model, path)).resolve()
+        self.probe = load_probe(self.path)
+        self.card = self.probe.card
+        # a random-weight encoder (clip-text:tiny) makes the guard's numbers meaningless
+        self.weights = "random" if self.probe.encoder.weights == "random" else "pretrained"
+        self.from_file = read_thresholds(thresholds, self.name) if thresholds else None
+        given = self.probe.threshold if threshold is None else threshold
+        self.threshold = scalar_threshold(self.from_file, given)
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def listing(cls) -> str:
+        """What `t2i-eval list` says it needs: a folder `train-guard` wrote."""
+        return (
+            "trained here: `t2i-eval train-guard --train SUITE --out DIR`, then `probe:DIR` "
+            "(or {name: probe, path: DIR}); needs the encoder it was trained on"
+        )
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """The folder's card is read when the spec is checked (cheap: JSON only), so a wrong
+        folder is exit 2 before any run directory exists."""
+        from ..probe.card import read_card
+
+        folder = _folder(options.get("model"), options.get("path"))
+        read_card(folder)
+        check_file_option(cls.name, options)
+
+    def info(self) -> dict[str, Any]:
+        from ..probe.card import sources_text
+
+        card = self.card
+        return {
+            "model": str(self.path),
+            "path": str(self.path),
+            "trained_here": True,
+            "encoder": card["encoder"]["id"],
+            "encoder_digest": card["encoder"]["digest"],
+            "encoder_weights": card["encoder"]["weights"],
+            "head": card["head"]["kind"],
+            "head_sha256": card["head"].get("sha256"),
+            "seed": card["seed"],
+            "train_sources": [
+                {k: s.get(k) for k in ("source", "path", "digest", "n", "benign", "unsafe")}
+                for s in card["train"]
+            ],
+            "train_sources_text": sources_text(card),
+            "counterexamples": (card.get("counterexamples") or {}).get("added", 0),
+            "threshold": self.threshold,
+            "trained_threshold": card["threshold"],
+            "category_thresholds_not_applied": card.get("category_thresholds") or {},
+            "rule": "refuse when P(unsafe) > threshold",
+            **file_info(self.from_file),
+        }
+
+    def check(self, texts: list[str]) -> list[StageDecision]:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start : start + self.batch_size])
+            for p in self.probe.scores(chunk):
+                score = round(float(p), DIGITS)
+                refused = decide(score, self.threshold)
+                out.append(
+                    StageDecision(
+                        "prompt_guard",
+                        self.name,
+                        refused,
+                        score=score,
+                        threshold=self.threshold,
+                        raw={"p_unsafe": score},
+                        message=f"P(unsafe) {score:.3f} > {self.threshold:.3f}" if refused else "",
+                    )
+                )
+        return out
