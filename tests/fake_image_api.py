@@ -5,7 +5,8 @@ Routes, shaped like the real APIs (see t2i_eval/systems/api/ for the sources):
     POST /v1beta/models/MODEL:predict    Imagen through the Gemini API
     POST /fal-ai/flux-pro/v1.1           fal FLUX1.1 [pro] (synchronous endpoint)
     POST /generic                        a made-up JSON API for the `http` adapter
-    POST /v1/chat/completions            an OpenAI-compatible chat API (the `llm` rewriter)
+    POST /v1/chat/completions            an OpenAI-compatible chat API (the `llm` rewriter, the
+                                         `llm-guard` guard, the `vlm` judge's voters)
     POST /v1/moderations                 OpenAI moderation (texts in a batch, or one image)
     GET  /files/NAME.png                 image downloads (answers that carry a URL)
 
@@ -14,6 +15,12 @@ and `ok` on every later one (the last kind repeats). Every request is recorded i
 Moderation inputs script their scores too, `{violence=0.8, flagged=true}` anywhere in the text
 (see `moderation_scores`); a batch plays the first input's kind that is not `ok`, and an image
 plays the script given to it with `FakeImageAPI.script_image`.
+Chat answers are scripted with `FakeImageAPI.script_chat(marker, answer, top=..., kinds=...)`:
+a request whose last user message holds `marker` (its text parts, and `image:<image_digest>`
+for each image part) gets `answer`, with top logprobs on its verdict token when the request
+asks for logprobs and `top` is given, and plays `kinds` as a prompt's `[...]` script would
+(`r500`, `timeout`, `r400`, ...). A chat request no script matches gets the `llm` rewriter's
+answer: a rewrite that echoes the key.
 Routing ignores the query string (the `http` adapter may send its key as `?key=...`).
 """
 
@@ -25,6 +32,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import re
 import socket
 import struct
@@ -156,6 +164,23 @@ BLACK = png(np.zeros((32, 32, 3)))
 FLAT = png(np.full((32, 32, 3), 128))
 
 
+@dataclass(frozen=True)
+class ChatScript:
+    """What the chat route answers to a request whose last user message holds `marker`."""
+
+    marker: str
+    answer: str
+    top: dict[str, float] | None = None
+    """Probabilities of the verdict token's alternatives (sent as top_logprobs); None: the
+    answer carries no logprobs even when asked."""
+    kinds: tuple[str, ...] = ("ok",)
+    """The transport script, one kind per request (the last repeats), as `[r500,ok]`."""
+    model: str | None = None
+    """Answer only requests for this model (a voter); None: any model."""
+    usage: dict[str, int] | None = None
+    """Token counts to report; None: counted from the request and the answer."""
+
+
 @dataclass
 class Seen:
     """One request as the server received it."""
@@ -185,6 +210,8 @@ class FakeImageAPI:
     image_scripts: dict[str, str] = field(default_factory=dict)
     """Moderation: an image's pixel digest (`image_digest`) -> the script text it plays."""
     max_inflight: int = 0
+    chat_scripts: list[ChatScript] = field(default_factory=list)
+    """Chat answers, first match wins (`script_chat`)."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -213,6 +240,25 @@ class FakeImageAPI:
     def script_image(self, image: Image.Image, script: str) -> None:
         """The moderation route answers `image` as it would the text `script`."""
         self.image_scripts[image_digest(image)] = script
+
+    def script_chat(
+        self,
+        marker: str,
+        answer: str,
+        *,
+        top: dict[str, float] | None = None,
+        kinds: tuple[str, ...] | list[str] = ("ok",),
+        model: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> None:
+        """The chat route answers requests holding `marker` with `answer` (see ChatScript)."""
+        self.chat_scripts.append(ChatScript(marker, answer, top, tuple(kinds), model, usage))
+
+    def _chat_script(self, text: str, model: Any) -> ChatScript | None:
+        for script in self.chat_scripts:
+            if script.marker in text and script.model in (None, model):
+                return script
+        return None
 
     def requests_for(self, prompt: str) -> list[Seen]:
         return [s for s in self.seen if s.prompt == prompt]
@@ -293,6 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "/generic":
             provider, prompt = "http", request["input"]["text"]
         elif route == "/v1/chat/completions":
+            script = self.api._chat_script(chat_text(request), request.get("model"))
+            if script is not None:
+                self._chat_post(body, request, script)
+                return
             provider, prompt = "chat", request["messages"][-1]["content"]
         elif route == "/v1/moderations":
             self._moderations_post(body, request)
@@ -317,6 +367,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": err})
             return
         self._answer("moderation", kind, texts, request)
+
+    def _chat_post(self, body: bytes, request: dict, script: ChatScript) -> None:
+        """A scripted chat answer: the marker's (and model's) own transport script first."""
+        key = f"{script.model or '*'}|{script.marker} [{','.join(script.kinds)}]"
+        kind = self.api._next_kind(key)
+        self._record("chat", body, script.marker, kind)
+        if kind == "r400":
+            err = {"message": f"The model {request.get('model')} does not exist", "code": None}
+            self._send(400, {"error": err})
+            return
+        self._script = script
+        self._answer("chat", kind, script.marker, request)
 
     def _moderation_text(self, part: Any) -> str:
         """A text input as it is; an image part as the script given to its pixels."""
@@ -640,6 +702,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"id": "modr-1", "model": request["model"], "results": results})
 
     def _chat(self, kind: str, prompt: str, request: dict) -> None:
+        script = getattr(self, "_script", None)
+        if script is not None:
+            self._send(200, chat_completion(script, request))
+            return
+        self._rewrite(kind, prompt, request)
+
+    def _rewrite(self, kind: str, prompt: str, request: dict) -> None:
         """A rewrite that echoes the key in its text (raw, URL-quoted, base64 of `user:KEY`);
         it ends in `[ok]`, so the rewritten prompt plays `ok` on the image routes."""
         key = (self._credentials() or ["(no key)"])[0]
@@ -673,6 +742,76 @@ def moderation_scores(text: str) -> tuple[dict[str, float], bool]:
     if "flagged" in scripted:
         return scores, scripted["flagged"] == "true"
     return scores, any(s >= 0.5 for s in scores.values())
+
+
+def chat_text(request: dict) -> str:
+    """The last user message as text: its text parts, and `image:<image_digest>` per image."""
+    users = [m for m in request.get("messages", []) if m.get("role") == "user"]
+    content = users[-1].get("content") if users else ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content or []:
+        if part.get("type") == "text":
+            parts.append(part["text"])
+        elif part.get("type") == "image_url":
+            url = part["image_url"]["url"]
+            assert url.startswith("data:image/png;base64,"), url[:40]
+            image = Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2])))
+            parts.append(f"image:{image_digest(image)}")
+    return "\n".join(parts)
+
+
+def answer_tokens(answer: str) -> list[str]:
+    """The answer cut the way BPE vocabularies cut such text: newline runs, words and numbers
+    with their leading space, single punctuation marks ("\n\nunsafe\nS1" -> "\n\n",
+    "unsafe", "\n", "S", "1")."""
+    return re.findall(r"\n+| ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]|\s", answer)
+
+
+def chat_completion(script: ChatScript, request: dict) -> dict[str, Any]:
+    """The completion body: the scripted answer, logprobs when asked for and scripted (the
+    scripted alternatives on the first token that is one of them, else on the first
+    non-whitespace token; every other token certain), token counts."""
+    tokens = answer_tokens(script.answer)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": script.answer},
+        "finish_reason": "stop",
+        "logprobs": None,
+    }
+    if request.get("logprobs") and script.top is not None and tokens:
+        keys = {k.strip().lower() for k in script.top if k.strip()}
+        at = next(
+            (i for i, t in enumerate(tokens) if t.strip() and t.strip().lower() in keys), None
+        )
+        if at is None:
+            at = next(i for i, t in enumerate(tokens) if t.strip())
+        n = int(request.get("top_logprobs") or 0)
+        ranked = sorted(script.top.items(), key=lambda kv: -kv[1])[:n]
+        content = []
+        for i, t in enumerate(tokens):
+            if i == at:
+                own = script.top.get(t, dict(ranked).get(t, 1.0))
+                alts = [{"token": k, "logprob": math.log(p)} for k, p in ranked]
+                content.append({"token": t, "logprob": math.log(own), "top_logprobs": alts})
+            else:
+                content.append(
+                    {"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]}
+                )
+        choice["logprobs"] = {"content": content}
+    usage = script.usage or {
+        "prompt_tokens": len(chat_text(request).split()),
+        "completion_tokens": len(tokens),
+    }
+    usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": request.get("model"),
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def image_digest(image: Image.Image) -> str:

@@ -13,12 +13,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
+from fake_image_api import FakeImageAPI
 from PIL import Image
 
 from t2i_eval.cli import main
@@ -51,6 +53,9 @@ class Variant:
     """`--clip`: "tiny" swaps in the random-weight tiny CLIP."""
     needs: tuple[str, ...] = ()
     """Packages it needs (skipped, not failed, without them)."""
+    served: bool = False
+    """Its endpoints are pointed at the loopback chat route (`chat_api`), which answers every
+    image "safe": the spec is copied with each voter's base_url replaced, and that copy is the ref."""
 
 
 VARIANTS: dict[str, Variant] = {
@@ -58,7 +63,25 @@ VARIANTS: dict[str, Variant] = {
     "clipscore": Variant("faithfulness", "tiny", ("open_clip", "torch")),
     "sanitization": Variant("sanitization", "tiny", ("open_clip", "torch")),
     "harm": Variant("harm", "tiny", ("open_clip", "torch", "nudenet")),
+    "vlm": Variant("vlm", served=True),
 }
+
+
+@pytest.fixture(scope="module")
+def chat_api():
+    """The loopback chat route for served variants: every image is answered "safe"."""
+    with FakeImageAPI() as server:
+        server.script_chat("image:", "safe")
+        yield server
+
+
+def _served(v: Variant, api: FakeImageAPI, folder: Path) -> Variant:
+    """`v` with its spec copied and every voter pointed at `api` (no key)."""
+    spec = {k: x for k, x in load_spec(v.ref).items() if not k.startswith("_")}
+    spec["voters"] = [{**x, "base_url": f"{api.url}/v1", "api_key_env": None} for x in spec["voters"]]
+    path = folder / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return replace(v, ref=str(path))
 
 
 def test_every_registered_judge_has_an_offline_contract() -> None:
@@ -80,6 +103,9 @@ def variant(request: pytest.FixtureRequest) -> tuple[str, Variant, dict[str, Any
     """(kind, variant, loaded spec, built judge), built once per kind."""
     kind = request.param
     v = VARIANTS[kind]
+    if v.served:
+        api = request.getfixturevalue("chat_api")
+        v = _served(v, api, request.getfixturevalue("tmp_path_factory").mktemp(kind))
     for package in v.needs:
         mod = pytest.importorskip(package)
         if package == "torch":

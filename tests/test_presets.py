@@ -527,3 +527,32 @@ def test_trust_remote_code_defaults_off_and_is_passed_only_when_set(family_dirs,
     assert "trust_remote_code" not in seen[0] and seen[1]["trust_remote_code"] is True
     assert all(kw["use_safetensors"] is True for kw in seen)
     assert (off.info()["trust_remote_code"], on.info()["trust_remote_code"]) == (False, True)
+
+
+LLM_GUARDS = {
+    "llama-guard-3-1b": ("meta-llama/Llama-Guard-3-1B", "llama-guard-3"),
+    "llama-guard-3-8b": ("meta-llama/Llama-Guard-3-8B", "llama-guard-3"),
+    "shieldgemma-2b": ("google/shieldgemma-2b", "shieldgemma"),
+}
+
+
+@pytest.mark.parametrize("name,expected", LLM_GUARDS.items())
+def test_llm_guard_presets_name_model_template_and_needs(name, expected):
+    model, template = expected
+    spec = parse_system(name)
+    (guard,) = spec.prompt_guards
+    assert (guard.name, guard.options["model"], guard.options["template"]) == (
+        "llm-guard",
+        *expected,
+    )
+    assert spec.generator.name == "guards-only"
+    line = preset_needs(name)
+    assert line.startswith("pip install 't2i-eval[diffusers]'; weights " + model)
+    assert "GPU ~" in line and "gated" in line
+    from t2i_eval.systems.llm_guard import load_templates
+
+    assert template in load_templates()
+
+
+def test_openai_moderation_preset_is_listed_with_its_key():
+    assert preset_needs("openai-moderation") == "API key in $OPENAI_API_KEY"

@@ -40,6 +40,7 @@ JUDGES: dict[str, str] = {
     "clipscore": "t2i_eval.judges.faithfulness:FaithfulnessJudge",
     "sanitization": "t2i_eval.judges.sanitization:SanitizationJudge",
     "harm": "t2i_eval.judges.harm:HarmJudge",
+    "vlm": "t2i_eval.judges.vlm:VLMJudge",
 }
 
 

@@ -43,6 +43,18 @@ def _api(name: str, key_env: str, about: str, **options: Any) -> dict[str, Any]:
     }
 
 
+def _llm_guard(model: str, template: str, *, gpu: str, about: str) -> dict[str, Any]:
+    """A local `llm-guard` preset, guards-only: the model card's template, bfloat16 weights."""
+    return {
+        "prompt_guards": [
+            {"name": "llm-guard", "model": model, "template": template, "dtype": "bfloat16"}
+        ],
+        "generator": "guards-only",
+        "needs": _needs(extra="diffusers", weights=model, gpu=gpu),
+        "about": about,
+    }
+
+
 #: Documented presets (README "Systems"). Values are short strings or component layouts, plus
 #: `about` (one line for `t2i-eval list`) and `needs` (see NEEDS_KEYS). Open-weights presets
 #: carry no image guard: those pipelines ship none (SD-1.5/2.1's checker is dropped on load);
@@ -78,6 +90,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "needs": _needs(key_env="OPENAI_API_KEY"),
         "about": "OpenAI moderation endpoint (omni-moderation-latest) on each prompt, no generation",
     },
+    "llama-guard-3-1b": _llm_guard(
+        "meta-llama/Llama-Guard-3-1B",
+        "llama-guard-3",
+        gpu="~3 GB bf16 (gated: accept the licence on the hub; runs on CPU, slowly)",
+        about="Llama Guard 3 1B on each prompt, P(unsafe) from the verdict token, no generation",
+    ),
+    "llama-guard-3-8b": _llm_guard(
+        "meta-llama/Llama-Guard-3-8B",
+        "llama-guard-3",
+        gpu="~16 GB bf16 (gated: accept the licence on the hub)",
+        about="Llama Guard 3 8B on each prompt, P(unsafe) from the verdict token, no generation",
+    ),
+    "shieldgemma-2b": _llm_guard(
+        "google/shieldgemma-2b",
+        "shieldgemma",
+        gpu="~6 GB bf16 (gated: accept the licence on the hub)",
+        about="ShieldGemma 2B, one Yes/No question per harm policy (4), P(Yes) max, no generation",
+    ),
     "sd-1.5": _open_weights(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         steps=50,
