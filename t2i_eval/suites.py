@@ -76,7 +76,26 @@ def load_suite(ref: str) -> Suite:
         rows = _json_rows(path)
     else:
         raise UserError(f"{path}: unknown suite format '{suffix}' (expected .jsonl, .csv or .json)")
-    return _build_suite(path.stem, rows, source=str(path))
+    suite = _build_suite(path.stem, rows, source=str(path))
+    card = path.with_suffix(".card.json")
+    if card.is_file():  # written by `make-suite` beside its suite: the run's manifest keeps it
+        provenance = {"card": _suite_card(card, suite)}
+        suite = Suite(suite.name, suite.prompts, suite.version, suite.source, provenance)
+    return suite
+
+
+def _suite_card(path: Path, suite: Suite) -> dict[str, Any]:
+    """The `make-suite` card beside a suite file, or a note that it describes other prompts
+    (the suite was edited after it was built: the card's counts no longer hold)."""
+    card = _json_value(_read_text(path), str(path))
+    if not isinstance(card, dict):
+        raise UserError(f"{path}: expected a JSON object (a make-suite card)")
+    made = card.get("suite")
+    recorded = made.get("digest") if isinstance(made, dict) else None
+    if recorded != suite.digest:
+        log.warning("%s describes other prompts (digest %s, suite %s)", path, recorded, suite.digest)
+        return {"file": str(path), "stale": True, "recorded_digest": recorded}
+    return {"file": str(path), **card}
 
 
 def _load_builtin(name: str, path: Path) -> Suite:
