@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import yaml
 
 from ..errors import UserError, did_you_mean, shorten
-from ..net import HttpClient, Response, TransientError, check_url, redact_options, redact_url
+from ..net import HttpClient, TransientError, check_url, redact_options, redact_url
 from ..paths import data_dir
 from ..store import append_jsonl, read_jsonl
 
@@ -237,30 +236,15 @@ class TransformersChat(ChatBackend):
     """A local causal LM: chat template, greedy decoding, at most `max_new_tokens` new tokens."""
 
     def __init__(self, model: str, max_new_tokens: int = 96, device: str = "cpu") -> None:
-        try:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError:
-            from ..errors import MissingExtra
+        from ..chat import load_causal_lm
 
-            raise MissingExtra("the llm rewriter", "transformers", "diffusers") from None
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = (
-                AutoModelForCausalLM.from_pretrained(
-                    model, use_safetensors=True, trust_remote_code=False
-                )
-                .to(device)
-                .eval()
-            )
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"llm rewriter: could not load '{model}' ({str(e).splitlines()[0]})"
-            ) from None
+        self.tokenizer, self.model = load_causal_lm(model, "llm rewriter", device=device)
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(
                 f"llm rewriter: '{model}' has no chat template; use an instruction-tuned chat model"
             )
+        import torch
+
         self._torch, self.device, self.max_new_tokens = torch, device, int(max_new_tokens)
         self.spec = {"max_new_tokens": self.max_new_tokens}
 
@@ -282,12 +266,11 @@ class TransformersChat(ChatBackend):
 
 
 class OpenAIChat(ChatBackend):
-    """Any OpenAI-compatible /chat/completions endpoint (vLLM, Ollama, hosted APIs).
-
-    Transport (retries with backoff and Retry-After, no redirects, no key over plain http to
-    another machine) is `net.HttpClient`'s. The API key comes from `api_key_env` only and is
-    read per request. An endpoint that never answers aborts the run instead of being retried
-    prompt after prompt.
+    """Any OpenAI-compatible /chat/completions endpoint (vLLM, Ollama, hosted APIs), through
+    the package's one chat client (`chat.ChatEndpoint`: `net.HttpClient`'s retries, no
+    redirects, no key over plain http to another machine, the key read per request from
+    `api_key_env` and scrubbed from the answer). An endpoint that never answers aborts the run
+    instead of being retried prompt after prompt.
     """
 
     def __init__(
@@ -301,9 +284,10 @@ class OpenAIChat(ChatBackend):
         backoff: float = 1.0,
         max_backoff: float = 30.0,
     ) -> None:
+        from ..chat import ChatEndpoint
+
         check_url(base_url, "--base-url", secret=bool(api_key_env))
-        self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
-        self.api_key_env = api_key_env
+        self.model = model
         self.max_new_tokens = int(max_new_tokens)
         # written to rewrite_plan.json and the linked run's manifest: no user info or key
         self.spec = {"base_url": redact_options(base_url), "max_new_tokens": self.max_new_tokens}
@@ -315,46 +299,24 @@ class OpenAIChat(ChatBackend):
             max_backoff=max_backoff,
             sleep=time.sleep,
         )
+        self.endpoint = ChatEndpoint("llm rewriter", base_url, model, api_key_env, self.client)
+        self.url = self.endpoint.url
 
     @property
     def attempts(self) -> int:
         """Total HTTP attempts, for reports and tests."""
         return self.client.attempts
 
-    def _auth(self) -> dict[str, str]:
-        key = os.environ.get(self.api_key_env or "", "")
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def _parse(self, resp: Response) -> str:
-        """The answer's text, scrubbed of the key: it becomes a prompt, a record, a log line."""
-        if resp.status >= 400:
-            raise UserError(f"llm rewriter: {redact_url(self.url)} answered HTTP {resp.status}")
-        try:
-            return resp.redact(str(resp.json()["choices"][0]["message"]["content"] or ""))
-        except (KeyError, IndexError, TypeError):
-            raise TransientError("malformed response body") from None
-
     def chat(self, system: str, user: str) -> str:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "temperature": 0,
-                "max_tokens": self.max_new_tokens,
-                "messages": [
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": user},
-                ],
-            }
-        ).encode()
+        from ..chat import ChatRejected
+
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         try:
-            return self.client.request(
-                "POST",
-                self.url,
-                self._parse,
-                body=body,
-                headers={"Content-Type": "application/json"},
-                auth=self._auth,
+            answer = self.endpoint.complete(
+                messages, temperature=0, max_tokens=self.max_new_tokens
             )
+        except ChatRejected as e:
+            raise UserError(f"llm rewriter: {redact_url(self.url)} answered {e}") from None
         except TransientError as e:
             if not self.client.answered:
                 raise UserError(
@@ -362,6 +324,7 @@ class OpenAIChat(ChatBackend):
                     "server running?"
                 ) from None
             raise
+        return answer.text
 
 
 class LLMRewriter:
