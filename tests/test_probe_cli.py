@@ -72,7 +72,11 @@ def test_probe_dir_through_run_report_sweep_triggers_rewrite_and_the_explorer(gu
     assert all(d.refused == (d.score > d.threshold) for d in decisions)
 
     assert main(["report", str(run)]) == 0
-    assert (run / "report" / "report.md").is_file()
+    head = (run / "report" / "report.md").read_text().split("\n## ")[0]
+    # the top of the report names the guard as trained here, on what, and the overlap
+    assert "**Trained here:** Prompt guard 'probe' was trained here" in head
+    assert "clip-text:tiny, random weights) on: train" in head
+    assert f"**Overlap:** {len(ROWS)} of {len(ROWS)} prompts of this suite are in the training" in head
     assert main(["sweep", str(run), "--no-plots", "--max-overrefusal", "0.2"]) == 0
     conformal = run / "sweep" / "conformal_thresholds.json"
     assert "probe" in json.loads(conformal.read_text())["guards"]
