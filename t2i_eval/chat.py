@@ -25,9 +25,22 @@ from .systems.api.base import JSON_HEADERS, env_secret, error_fields, read_key
 ANSWER_LIMIT = 500
 
 
+#: An error code, type or message of a 4xx that says the provider refused the content (OpenAI's
+#: `content_policy_violation`, Azure's `content_filter`, "safety"/"moderation" wording), not
+#: the request: a refusal to look, which asking again will not change.
+CONTENT_POLICY = re.compile(r"content[_ ]?(policy|filter|management)|safety|moderation", re.I)
+
+
 class ChatRejected(Exception):
     """A 4xx answer (bad model name, a request the server refuses): not transient, so not
     retried, and never a verdict. The message is redacted and one line."""
+
+    def __init__(self, message: str, *, status: int = 400, content_policy: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        """The HTTP status."""
+        self.content_policy = content_policy
+        """True when the provider refused the content itself (`CONTENT_POLICY`)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,12 @@ def _parse_chat(resp: Response) -> ChatAnswer:
     if resp.status >= 400:
         err = error_fields(resp)
         message = resp.redact(str(err.get("message") or ""), 200) or resp.snippet()
-        raise ChatRejected(f"HTTP {resp.status}: {message}")
+        said = " ".join(str(err.get(k) or "") for k in ("code", "type")) + " " + message
+        raise ChatRejected(
+            f"HTTP {resp.status}: {message}",
+            status=resp.status,
+            content_policy=bool(CONTENT_POLICY.search(said)),
+        )
     body = resp.json()
     try:
         choice = body["choices"][0]
@@ -180,33 +198,56 @@ def read_verdict(
     return None
 
 
+#: The least probability the verdict words must hold together at the verdict token for their
+#: ratio to be the score. Below it the model was mostly about to say something else ("The",
+#: "**", a newline), and p(unsafe) / (p(unsafe) + p(safe)) divides two crumbs: noise, not the
+#: model's judgement. One half means the verdict words are the model's most likely answer.
+MIN_VERDICT_MASS = 0.5
+
+
+def mass_problem(u: float, s: float) -> str:
+    """Why p(unsafe words) `u` and p(safe words) `s` cannot give a score, or "" when they can
+    (together at least `MIN_VERDICT_MASS`)."""
+    if u + s >= MIN_VERDICT_MASS:
+        return ""
+    return (
+        f"the verdict words hold p={u + s:.3g} of the verdict token (< {MIN_VERDICT_MASS}): "
+        "their ratio would be noise"
+    )
+
+
 def verdict_probability(
     tokens: list[tuple[str, dict[str, float]]],
     after: str,
     unsafe: tuple[str, ...],
     safe: tuple[str, ...],
-) -> tuple[float, float, str] | None:
-    """(p_unsafe, p_safe, the verdict token) from the top logprobs of the verdict token: the
-    first token that is not whitespace and ends after `after`. Each side sums exp(logprob) of
-    the alternatives equal to one of its words (stripped, case-insensitive: `unsafe`,
-    ` Unsafe`). None when there is no such token or neither word is among its alternatives:
-    the caller falls back to the parsed verdict."""
+) -> tuple[tuple[float, float] | None, str]:
+    """((p_unsafe, p_safe), "") from the top logprobs of the verdict token, or (None, why not).
+
+    The verdict token is the first token that is not whitespace and ends after `after`. Each
+    side sums exp(logprob) of the alternatives equal to one of its words (stripped,
+    case-insensitive: `unsafe`, ` Unsafe`). The numbers are used only when that token is itself
+    a verdict word (a word split as "Un"+"safe", or a leading "**", would otherwise read the
+    alternatives of the wrong token) and the words hold at least `MIN_VERDICT_MASS`; otherwise
+    the caller falls back to the parsed verdict and records why."""
     text = "".join(t for t, _ in tokens)
     start = verdict_start(text, after)
     if start is None:
-        return None
+        return None, f"no '{after}' in the answer"
+    words_u, words_s = {_norm(w) for w in unsafe}, {_norm(w) for w in safe}
     pos = 0
     for token, alts in tokens:
         end = pos + len(token)
         visible = token[max(0, start - pos) :] if pos < start else token
         if end > start and visible.strip():
-            u = sum(
-                math.exp(lp) for t, lp in alts.items() if _norm(t) in {_norm(w) for w in unsafe}
-            )
-            s = sum(math.exp(lp) for t, lp in alts.items() if _norm(t) in {_norm(w) for w in safe})
-            return (u, s, token) if u + s > 0 else None
+            if _norm(visible) not in words_u | words_s:
+                return None, f"the verdict token {visible.strip()!r} is not a verdict word"
+            u = sum(math.exp(lp) for t, lp in alts.items() if _norm(t) in words_u)
+            s = sum(math.exp(lp) for t, lp in alts.items() if _norm(t) in words_s)
+            why = mass_problem(u, s)
+            return (None, why) if why else ((u, s), "")
         pos = end
-    return None
+    return None, "no verdict token in the answer"
 
 
 def p_unsafe(u: float, s: float) -> float:

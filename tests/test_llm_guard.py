@@ -14,6 +14,7 @@ from fake_image_api import FakeImageAPI
 from helpers import write_suite
 from test_secrets import KEY, files_under, leaks
 
+from t2i_eval.chat import MIN_VERDICT_MASS, ChatAnswer, mass_problem, verdict_probability
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
 from t2i_eval.systems import parse_system, validate_spec
@@ -104,7 +105,8 @@ def test_score_is_the_verdict_tokens_probability_after_leading_whitespace(api):
     assert (
         lake.score == pytest.approx(0.1) and lake.refused is False and lake.raw["categories"] == []
     )
-    body = _bodies(api)[0]
+    sent = {b["messages"][0]["content"]: b for b in _bodies(api)}  # in flight together
+    body = sent["a brawl"]
     assert body["messages"] == [{"role": "user", "content": "a brawl"}]  # the bare prompt only
     assert (body["logprobs"], body["top_logprobs"], body["temperature"]) == (True, 5, 0)
 
@@ -158,6 +160,49 @@ def test_an_unreadable_answer_is_an_error_never_a_verdict(api):
     (res,) = closed.run([item])
     assert res.status == "refused" and res.decisions[0].unavailable.startswith("refuse:")
     assert res.decisions[0].score is None  # labelled, and never the guard's own judgement
+
+
+SPLIT = "the verdict token 'Un' is not a verdict word"
+
+
+@pytest.mark.parametrize(
+    "tokens,why",
+    [
+        # "Unsafe" cut as "Un" + "safe": "Safe" among the first token's alternatives is no vote
+        ([("Un", {"Un": -0.01, "Safe": -6.0}), ("safe", {"safe": 0.0})], SPLIT),
+        # a markdown answer: the "**" token's alternatives are not the verdict's
+        (
+            [("**", {"**": -0.05, "Safe": -3.0}), ("Unsafe", {"Unsafe": 0.0}), ("**", {})],
+            "the verdict token '**' is not a verdict word",
+        ),
+    ],
+)
+def test_a_token_that_is_no_verdict_word_never_scores_the_verdict(api, tokens, why):
+    """The old reading took P(unsafe) = 0 from these tokens while the answer says unsafe."""
+    t = load_template("llama-guard-3")
+    text = "".join(tok for tok, _ in tokens)
+    assert verdict_probability(tokens, t.after, t.unsafe, t.safe) == (None, why)
+    r = _guard(api).backend._reading(ChatAnswer(text, tokens))
+    assert (r.verdict, r.score, r.score_from, r.extra["logprobs"]) == (
+        "unsafe",
+        1.0,
+        "verdict",
+        why,
+    )
+
+
+def test_probabilities_are_used_only_when_the_verdict_words_hold_most_of_them(api):
+    """u + s of 3e-4 would give P(unsafe) 0.667: noise. The parsed verdict decides instead, and
+    an answer without one is "could not check"."""
+    api.script_chat("a brawl", "unsafe", top={"I": 0.9, "unsafe": 0.0002, "safe": 0.0001})
+    api.script_chat("a lake", "The lake is fine", top={"The": 0.9, "unsafe": 2e-4, "safe": 1e-4})
+    brawl, lake = _guard(api).check(["a brawl", "a lake"])
+    assert (brawl.score, brawl.refused, brawl.raw["score_from"]) == (1.0, True, "verdict")
+    assert brawl.raw["logprobs"].startswith("the verdict words hold p=0.0003 ")
+    assert lake.refused is None and lake.score is None
+    assert "token probabilities not used: the verdict token 'The'" in lake.message
+    assert MIN_VERDICT_MASS == 0.5
+    assert mass_problem(0.3, 0.2) == "" and mass_problem(0.3, 0.19)
 
 
 @pytest.mark.parametrize(
@@ -244,14 +289,25 @@ def test_a_run_records_scores_and_never_the_key(api, tmp_path, capsys):
 # -- local: a tiny random-weight Llama ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _save_lm(factory: pytest.TempPathFactory, name: str, **options: Any) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from tiny_llm import save_tiny_guard_lm
 
     torch.set_num_threads(1)
-    return save_tiny_guard_lm(tmp_path_factory.mktemp("guard-lm") / "lm")
+    return save_tiny_guard_lm(factory.mktemp("guard-lm") / name, **options)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Verdict words safe/unsafe hold most of the next-token probability, as in a guard."""
+    return _save_lm(tmp_path_factory, "lm")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_yes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same for yes/no templates (wildguard, shieldgemma)."""
+    return _save_lm(tmp_path_factory, "lm-yes", verdict_words=("yes", "no", "Yes", "No"))
 
 
 def _expected(model_dir: Path, text: str, unsafe: list[str], safe: list[str]) -> float:
@@ -271,10 +327,14 @@ def _expected(model_dir: Path, text: str, unsafe: list[str], safe: list[str]) ->
 
 
 @pytest.mark.parametrize(
-    "template,unsafe,safe",
-    [("llama-guard-3", ["unsafe"], ["safe"]), ("wildguard", ["yes", "Yes"], ["no", "No"])],
+    "lm,template,unsafe,safe",
+    [
+        ("tiny_lm", "llama-guard-3", ["unsafe"], ["safe"]),
+        ("tiny_lm_yes", "wildguard", ["yes", "Yes"], ["no", "No"]),
+    ],
 )
-def test_local_score_is_the_models_own_probability(tiny_lm, template, unsafe, safe):
+def test_local_score_is_the_models_own_probability(request, lm, template, unsafe, safe):
+    tiny_lm = request.getfixturevalue(lm)
     guard = LLMGuard(model=str(tiny_lm), template=template, device="cpu", weights="random")
     t = guard.template_
     ((_, task),) = t.tasks("a gun")
@@ -293,11 +353,23 @@ def test_local_batches_score_as_single_prompts(tiny_lm):
     assert together == pytest.approx(alone, abs=2e-6)
 
 
-def test_local_thresholds_script_the_outcome(tiny_lm):
-    lo = LLMGuard(model=str(tiny_lm), template="shieldgemma", device="cpu", threshold=0.0)
-    hi = LLMGuard(model=str(tiny_lm), template="shieldgemma", device="cpu", threshold=1.0)
+def test_local_thresholds_script_the_outcome(tiny_lm_yes):
+    model = str(tiny_lm_yes)
+    lo = LLMGuard(model=model, template="shieldgemma", device="cpu", threshold=0.0)
+    hi = LLMGuard(model=model, template="shieldgemma", device="cpu", threshold=1.0)
     assert [d.refused for d in lo.check(["a cat", "a gun"])] == [True, True]
     assert [d.refused for d in hi.check(["a cat", "a gun"])] == [False, False]
+
+
+def test_a_local_model_that_is_not_about_to_give_a_verdict_is_not_scored(tmp_path_factory):
+    """A plain random model puts a crumb on the verdict words: its ratio is no score. It
+    answers no verdict either, so the guard could not check (an error, never a refusal)."""
+    plain = _save_lm(tmp_path_factory, "lm-plain", verdict_boost=0.0)
+    guard = LLMGuard(model=str(plain), template="llama-guard-3", device="cpu", threshold=0.0)
+    for d in guard.check(["a cat", "a gun"]):
+        assert d.refused is None and d.score is None and d.raw["verdict"] is None
+        assert d.raw["logits"].startswith("the verdict words hold p=")
+        assert "token probabilities not used" in d.message
 
 
 def test_a_chat_template_is_required_only_where_the_template_uses_it(tmp_path):

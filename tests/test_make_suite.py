@@ -14,7 +14,7 @@ import pytest
 
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
-from t2i_eval.make_suite.base import ALLOWED, DISALLOWED, Candidate
+from t2i_eval.make_suite.base import ALLOWED, DISALLOWED, Candidate, Outage
 from t2i_eval.make_suite.card import STEPS
 from t2i_eval.make_suite.policy import CategoryPolicy, load_policy
 from t2i_eval.make_suite.policy_filter import policy_filter
@@ -172,6 +172,23 @@ def test_bad_command_lines_are_one_line_exit_2(
                 "nosuchguard>fake",
             ],
             "nosuchguard",
+        ),
+        (
+            ["--policy", str(SMALL), "--out", str(tmp_path / "s.jsonl"), "--judge-margin=-0.1"],
+            "--judge-margin must be >= 0",
+        ),
+        (  # the judge is checked before the generator's model would load (it does not exist)
+            [
+                "--policy",
+                str(SMALL),
+                "--out",
+                str(tmp_path / "s.jsonl"),
+                "--generator",
+                f"llm:{tmp_path / 'no-model'}",
+                "--judge",
+                "embedd",
+            ],
+            "unknown judge 'embedd'. Did you mean 'embed'?",
         ),
     ]
     for argv, expected in cases:
@@ -551,7 +568,10 @@ def test_a_run_records_the_suite_card_in_its_manifest(tmp_path: Path) -> None:
     card = load_suite(str(out)).provenance["card"]
     assert card["policy"]["digest"] == load_policy(SMALL).digest
     run_dir = tmp_path / "run"
-    assert main(["run", "--suite", str(out), "--system", "blocklist", "--out", str(run_dir), "-q"]) == 0
+    assert (
+        main(["run", "--suite", str(out), "--system", "blocklist", "--out", str(run_dir), "-q"])
+        == 0
+    )
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["suite"]["provenance"]["card"]["policy"]["digest"] == card["policy"]["digest"]
     out.write_text(out.read_text().splitlines()[0] + "\n")
@@ -572,3 +592,15 @@ def test_the_guard_vote_judge_labels_by_a_majority_of_the_guards() -> None:
     assert judge.label(cat, texts) == [ALLOWED, DISALLOWED]
     with pytest.raises(UserError, match="once"):
         GuardsJudge(("blocklist", "blocklist"))
+
+
+def test_a_guard_that_could_not_check_is_an_outage_never_a_label(monkeypatch) -> None:
+    """The Judge protocol: an outage raises Outage (exit 1, rerun resumes), not a UserError."""
+    from t2i_eval.make_suite.policy_filter import GuardsJudge
+    from t2i_eval.types import StageDecision
+
+    judge = GuardsJudge(("blocklist",))
+    down = [StageDecision("prompt_guard", "blocklist", None, message="service down")]
+    monkeypatch.setattr(judge.guards[0], "check", lambda texts: down * len(texts))
+    with pytest.raises(Outage, match="judge guard blocklist could not check: service down"):
+        judge.label(load_policy(SMALL).categories[0], ["a lake"])

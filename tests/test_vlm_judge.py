@@ -19,11 +19,13 @@ from PIL import Image
 from test_secrets import KEY, files_under, leaks
 
 from t2i_eval import judges
+from t2i_eval.chat import ChatRejected, _parse_chat
 from t2i_eval.cli import main
 from t2i_eval.errors import UserError
 from t2i_eval.judges import JudgeItem, load_spec
 from t2i_eval.judges.vlm import VLMJudge, majority
 from t2i_eval.judging import judge_run
+from t2i_eval.net import Response, TransientError
 from t2i_eval.report.vlm import cohen_kappa, vlm_lines, voter_agreement
 from t2i_eval.store import RunStore, read_run
 from t2i_eval.types import Verdict
@@ -132,7 +134,8 @@ def test_outages_and_unreadable_answers_are_no_vote_never_a_verdict(api):
     assert va.raw["votes"][2]["vote"] is None and va.raw["votes"][2]["no_vote"].startswith("outage")
     assert vb.flagged is None and vb.score == 0.0  # one vote of the two needed
     assert vb.raw["votes"][0]["no_vote"] == "unreadable answer"
-    assert vb.raw["votes"][2]["no_vote"].startswith("rejected: HTTP 400")
+    assert vb.raw["votes"][2]["no_vote"].startswith("request error: HTTP 400")  # no model
+    assert "rejected" not in vb.raw["votes"][2] and vb.raw["resend"] is True
     assert "could not judge: 1 vote(s) of 3" in vb.reason
     assert vc.flagged is None and vc.score is None and vc.raw["unsafe_votes"] == 0
     abstain = VLMJudge.from_spec(_spec(api, tie="abstain"))
@@ -261,3 +264,47 @@ def test_report_puts_the_vote_next_to_the_clip_judge(tmp_path):
     assert "| gemini | gemini-model | 83.3% (5 / 6)" in text
     (tmp_path / "other").mkdir()
     assert vlm_lines(read_run(_fake_run(tmp_path / "other"))) == []
+
+
+def _answer(status: int, error: dict[str, Any]) -> Response:
+    return Response(status, {}, json.dumps({"error": error}).encode(), "http://x/v1", 1)
+
+
+def test_a_content_policy_4xx_is_told_apart_from_a_bad_request():
+    with pytest.raises(ChatRejected) as policy:
+        _parse_chat(
+            _answer(
+                400, {"message": "Your request was rejected", "code": "content_policy_violation"}
+            )
+        )
+    assert policy.value.content_policy and policy.value.status == 400
+    with pytest.raises(ChatRejected) as config:
+        _parse_chat(_answer(404, {"message": "The model gpt-5o does not exist", "code": None}))
+    assert not config.value.content_policy and config.value.status == 404
+
+
+def test_an_image_a_provider_refuses_to_look_at_is_recorded_rejected_and_not_resent(
+    api, monkeypatch
+):
+    """min_votes 2: one voter's content-policy refusal leaves too few votes. The verdict counts
+    the rejection apart from outages and says a later pass would get the same answer."""
+    a = _item(1, "sexual_content")
+    _vote(api, a.image, {"gpt": "unsafe", "gemini": "unsafe", "pixtral": "safe"})
+    judge = VLMJudge.from_spec(_spec(api))
+    refusal = ChatRejected("HTTP 400: content_policy_violation", content_policy=True)
+    for voter in judge.voters[:2]:
+        monkeypatch.setattr(voter.endpoint, "complete", _raises(refusal))
+    (v,) = judge.judge_batch([a])
+    assert v.flagged is None and v.raw["rejected_votes"] == 2 and v.raw["resend"] is False
+    assert [r.get("rejected", False) for r in v.raw["votes"]] == [True, True, False]
+    assert "gpt rejected, gemini rejected, pixtral safe" in v.reason
+    monkeypatch.setattr(judge.voters[1].endpoint, "complete", _raises(TransientError("down")))
+    (v,) = judge.judge_batch([a])
+    assert v.raw["rejected_votes"] == 1 and v.raw["resend"] is True  # an outage may pass
+
+
+def _raises(error: Exception) -> Any:
+    def complete(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    return complete

@@ -115,10 +115,26 @@ def _source(opts: BuildOptions, cache: AnswerCache) -> Source:
     )
 
 
-def _judge(opts: BuildOptions, cache: AnswerCache) -> Judge:
+def _judge_ref(opts: BuildOptions) -> str:
+    """The judge `--judge` names (`auto` resolved), checked: an unknown one and a negative
+    `--judge-margin` are UserErrors, raised before any generator or judge model loads."""
     ref = opts.judge
     if ref == "auto":
         ref = opts.generator if opts.generator.startswith("llm:") else "embed"
+    known = ref in ("embed", "none", "guards") or ref.startswith(("guards:", "llm:"))
+    if not known:
+        raise UserError(
+            f"unknown judge '{shorten(ref, 60)}'.{did_you_mean(ref, list(JUDGES))} Available: {', '.join(JUDGES)}"
+        )
+    if not opts.judge_margin >= 0.0:  # also NaN: a negative margin makes both labels true
+        raise UserError(
+            f"--judge-margin must be >= 0 (the gap between the disallowed and allowed "
+            f"similarity a label needs), got {opts.judge_margin}"
+        )
+    return ref
+
+
+def _judge(ref: str, opts: BuildOptions, cache: AnswerCache) -> Judge:
     if ref == "embed":
         return EmbedJudge(opts.judge_margin)
     if ref == "none":
@@ -126,15 +142,9 @@ def _judge(opts: BuildOptions, cache: AnswerCache) -> Judge:
     if ref == "guards" or ref.startswith("guards:"):
         names = ref.partition(":")[2]
         return GuardsJudge(tuple(names.split("+")) if names else SHIPPED_GUARDS)
-    if ref.startswith("llm:"):
-        from .llm import LLMJudge, build_chat
+    from .llm import LLMJudge, build_chat
 
-        return LLMJudge(
-            build_chat(ref, cache, opts.base_url, opts.api_key_env, opts.max_new_tokens)
-        )
-    raise UserError(
-        f"unknown judge '{shorten(ref, 60)}'.{did_you_mean(ref, list(JUDGES))} Available: {', '.join(JUDGES)}"
-    )
+    return LLMJudge(build_chat(ref, cache, opts.base_url, opts.api_key_env, opts.max_new_tokens))
 
 
 class _Steps:
@@ -248,7 +258,9 @@ def build(opts: BuildOptions) -> BuildResult:
     policy: Policy = load_policy(opts.policy)
     if opts.dedup_threshold is not None and not 0.0 < opts.dedup_threshold <= 1.0:
         raise UserError(f"--dedup-threshold must be in (0, 1], got {opts.dedup_threshold}")
+    judge_ref = _judge_ref(opts)
     cache = AnswerCache(out.with_name(out.name + ".work"))
+    judge = _judge(judge_ref, opts, cache)  # before the source: an llm: generator loads a model
     source = _source(opts, cache)
     source.check([c.name for c in policy.categories])  # before any model is asked anything
     boundary = (
@@ -256,7 +268,6 @@ def build(opts: BuildOptions) -> BuildResult:
         if opts.target
         else None
     )
-    judge = _judge(opts, cache)
     threshold = opts.dedup_threshold if opts.dedup_threshold is not None else source.dedup_threshold
     rows: list[dict[str, Any]] = []
     counts: dict[str, dict[str, dict[str, int]]] = {}

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..systems.text_guards import MINILM, load_sentence_model
-from .base import ALLOWED, DISALLOWED, EXPECTED, Candidate, Judge
+from .base import ALLOWED, DISALLOWED, EXPECTED, Candidate, Judge, Outage
 from .policy import CategoryPolicy
 
 
@@ -103,8 +103,8 @@ class GuardsJudge:
         votes = [0] * len(texts)
         for guard in self.guards:
             for i, d in enumerate(guard.check(list(texts))):
-                if d.refused is None:  # could not check: no label, never a guess
-                    raise UserError(f"judge guard {guard.name} could not check: {d.message}")
+                if d.refused is None:  # could not check: an outage, never a guessed label
+                    raise Outage(f"judge guard {guard.name} could not check: {d.message}")
                 votes[i] += bool(d.refused)
         return [DISALLOWED if v >= self.min_refusing else ALLOWED for v in votes]
 

@@ -13,6 +13,10 @@ template's `after` text):
 - remote (`base_url`): the same ratio over the verdict token's top logprobs when the answer
   carries them (`score_from: logprobs`), else 1 or 0 from the parsed verdict
   (`score_from: verdict`); an answer with neither is "could not check", never a verdict.
+The ratio is used only when the verdict words hold at least `chat.MIN_VERDICT_MASS` of the
+verdict token (and, remote, when that token is itself a verdict word, not "Un" of "Un"+"safe"
+or a leading "**"); otherwise the parsed verdict decides and `raw["logits"]` /
+`raw["logprobs"]` says why the probabilities were set aside.
 A per-category template (ShieldGemma) asks once per policy; score = the highest P(unsafe).
 Refuse when score > threshold, so a run re-sweeps like any guard (`decide`). An outage, a 4xx
 or an unreadable answer is refused None: an error (or `on_error`), never a refusal.
@@ -32,6 +36,7 @@ from ..chat import (
     ChatEndpoint,
     ChatRejected,
     load_causal_lm,
+    mass_problem,
     p_unsafe,
     read_verdict,
     verdict_probability,
@@ -250,17 +255,24 @@ def reading(
     probs: tuple[float, float] | None,
     source: str,
     extra: dict[str, Any] | None = None,
+    why_not: str = "",
 ) -> Reading:
-    """Score one answer: from the verdict token's probabilities when given (`source`), else
-    1 or 0 from the parsed verdict; neither leaves the score None."""
+    """Score one answer: from the verdict token's probabilities when given and usable
+    (`source`), else 1 or 0 from the parsed verdict, with why the probabilities were not used
+    recorded under `raw[source]`; neither leaves the score None (could not check)."""
     verdict = read_verdict(answer, template.after, template.unsafe, template.safe)
-    if probs is not None and sum(probs) > 0:
+    extra = dict(extra or {})
+    if probs is not None and not why_not:
+        why_not = mass_problem(*probs)
+    if probs is not None and not why_not:
         u, s = probs
         kept = {"unsafe": round(u, 6), "safe": round(s, 6)}
-        return Reading(answer, verdict, p_unsafe(u, s), source, kept, extra or {})
+        return Reading(answer, verdict, p_unsafe(u, s), source, kept, extra)
+    if why_not:
+        extra[source] = why_not
     if verdict is not None:
-        return Reading(answer, verdict, float(verdict == "unsafe"), "verdict", {}, extra or {})
-    return Reading(answer, None, None, None, {}, extra or {})
+        return Reading(answer, verdict, float(verdict == "unsafe"), "verdict", {}, extra)
+    return Reading(answer, None, None, None, {}, extra)
 
 
 def decide(scores: dict[str, float], threshold: float) -> dict[str, Any]:
@@ -422,16 +434,11 @@ class _Remote:
 
     def _reading(self, answer: ChatAnswer) -> Reading:
         t = self.template
-        probs = None
-        if answer.tokens is not None:
-            found = verdict_probability(answer.tokens, t.after, t.unsafe, t.safe)
-            probs = found[:2] if found else None
         extra: dict[str, Any] = {"usage": answer.usage, **answer.meta}
         if answer.tokens is None:
-            extra["logprobs"] = "absent"
-        elif probs is None:
-            extra["logprobs"] = "no verdict word among the verdict token's top logprobs"
-        return reading(t, answer.text, probs, "logprobs", extra)
+            return reading(t, answer.text, None, "logprobs", extra, "absent")
+        probs, why_not = verdict_probability(answer.tokens, t.after, t.unsafe, t.safe)
+        return reading(t, answer.text, probs, "logprobs", extra, why_not)
 
 
 # -- the guard --------------------------------------------------------------------------------
@@ -611,11 +618,20 @@ class LLMGuard:
                 message = f"{NAME} could not ask {self.model}: {shorten(why, 300)}"
             else:
                 answer = done[unread[0]].answer
+                set_aside = next(
+                    (
+                        str(v)
+                        for k, v in done[unread[0]].extra.items()
+                        if k in ("logits", "logprobs")
+                    ),
+                    "",
+                )
                 message = (
                     f"{NAME}: no verdict in the answer {shorten(answer, 120)} (template "
                     f"'{t.name}' expects {'/'.join(t.unsafe)} or {'/'.join(t.safe)}"
                     + (f" after '{t.after}'" if t.after else "")
                     + ")"
+                    + (f"; token probabilities not used: {set_aside}" if set_aside else "")
                 )
             raw = {**base, **self._raw(done), **({"errors": failed} if failed else {})}
             return StageDecision(
