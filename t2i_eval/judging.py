@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 from .errors import UserError
 from .judges import judge_class, judge_from_spec, load_spec, spec_digest, spec_key
 from .judges.base import ROLES, JudgeItem
+from .run_index import refresh_index
 from .store import Record, RunStore
 from .types import Prompt, Verdict
 
@@ -125,7 +126,13 @@ def judge_run(
     store.check_judge_spec(spec_key(spec), spec_digest(pinned))  # before a model loads
     judge = judge_from_spec(spec)
     prompts = {p.id: p for p in store.read_prompts()}
-    done = {rid for rid, v in store.read_verdicts(judge.key).items() if v.flagged is not None}
+    # judged, or never to be judged: every missing vote was a provider refusing to look at the
+    # image (content policy); asking again would only be refused again (vlm judge's `resend`)
+    done = {
+        rid
+        for rid, v in store.read_verdicts(judge.key).items()
+        if v.flagged is not None or v.raw.get("resend") is False
+    }
     todo = [  # compact records: a long run's end holds no record whole
         g
         for g in store.read_records().values()
@@ -211,6 +218,8 @@ def judge_all(
     failure (a missing model, a bad reference) does not hide what the earlier ones did."""
     for ref in refs:
         yield judge_run(run_dir, ref, reference=reference, clip=clip, progress=progress)
+    if refs:  # new verdicts: the explorer's index is brought up to date while the user waits
+        refresh_index(run_dir)
 
 
 def plan_judges(refs: Sequence[str], *, clip: str | None, reference: bool) -> list[str]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import __version__
 from .errors import UserError
 from .net import redact_options
+from .run_index import refresh_index
 from .store import RunStore, writer_info
 from .systems import SystemSpec, build_system, validate_spec
 from .systems.chain import BatchTooLarge, ItemResult, WorkItem
@@ -456,6 +457,7 @@ def _run_locked(
         batch_backoffs=[*manifest.get("batch_backoffs", []), *backoffs],
         updated_at=_now(),
     )
+    refresh_index(store.root)  # the explorer opens the finished run at once
     return RunResult(
         store.root, len(items), len(items) - len(pending), len(pending), counts, missing
     )

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar
 
 from .errors import UserError
-from .types import OUTCOME_ROLES, Generation, Outcome, Prompt, Verdict, outcomes
+from .types import OUTCOME_ROLES, REDECIDE_RAW, Generation, Outcome, Prompt, Verdict, outcomes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,14 +89,36 @@ def _numbered_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     strings of the chunk's records, which halves the time of decoding them one by one. A
     chunk that does not decode as exactly one object per line (a corrupt or torn line) is
     decoded line by line instead, so each line's error names it."""
+    for start, lines in _chunks(path):
+        yield from _decoded(path, start, lines)
+
+
+def located_jsonl(path: Path) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+    """(line number, byte offset, byte length without the newline, record) of each record of
+    a JSONL file, read and refused as `read_jsonl` reads and refuses it: for an index that
+    finds a line again without reading the file (`run_index`)."""
+    at = 0
+    for start, lines in _chunks(path):
+        offsets = [at]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line))
+        at = offsets[-1]
+        for i, row in _decoded(path, start, lines):
+            line = lines[i - start]
+            yield i, offsets[i - start], len(line) - line.endswith(b"\n"), row
+
+
+def _chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, lines) of a file, `CHUNK` lines at a time."""
     lines: list[bytes] = []
     start = 1
     for i, line in enumerate(_lines(path), 1):
         lines.append(line)
         if len(lines) == CHUNK:
-            yield from _decoded(path, start, lines)
+            yield start, lines
             lines, start = [], i + 1
-    yield from _decoded(path, start, lines)
+    if lines:
+        yield start, lines
 
 
 #: Lines decoded together (`_numbered_jsonl`); about as fast from 50 to 1,000.
@@ -177,13 +199,28 @@ def _parse_records(path: Path, parse: Callable[[dict[str, Any]], T]) -> Iterable
     """Typed records from a JSONL file; a record of another layout, or a field of the wrong
     type, is one clear error naming the line and field (never counted as something else)."""
     for line, d in _numbered_jsonl(path):
-        try:
-            yield parse(d)
-        except (TypeError, ValueError, AttributeError) as e:
-            raise UserError(
-                f"{path} line {line}: not a record of this t2i-eval version ({e}); "
-                "start a new run directory"
-            ) from None
+        yield parse_line(path, line, d, parse)
+
+
+def located_records(
+    path: Path, parse: Callable[[dict[str, Any]], T]
+) -> Iterator[tuple[int, int, T]]:
+    """(byte offset, byte length, typed record) of each line (`located_jsonl`), refused as
+    `read_run` refuses it."""
+    for line, at, length, d in located_jsonl(path):
+        yield at, length, parse_line(path, line, d, parse)
+
+
+def parse_line(path: Path, line: int, d: dict[str, Any], parse: Callable[[dict[str, Any]], T]) -> T:
+    """`parse(d)` of line `line` of `path`; a record of another layout, or a field of the
+    wrong type, is one clear error naming the line and field."""
+    try:
+        return parse(d)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(
+            f"{path} line {line}: not a record of this t2i-eval version ({e}); "
+            "start a new run directory"
+        ) from None
 
 
 def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -301,8 +338,8 @@ def interrupted(manifest: dict[str, Any]) -> bool:
 
 
 class Decision(NamedTuple):
-    """A `StageDecision` as `Record` keeps it: its numbers, not its words (no message, and
-    `raw` without its text values)."""
+    """A `StageDecision` as `Record` keeps it: its numbers, not its words (no message, and of
+    `raw` only what re-deciding it reads: `redecide_raw`)."""
 
     stage: str
     name: str
@@ -310,7 +347,7 @@ class Decision(NamedTuple):
     score: float | None
     threshold: float | None
     raw: dict[str, Any]
-    """The decision's raw values less those that are text (`scores_only`)."""
+    """The raw values a report re-decides the decision from (`redecide_raw`); {} for most."""
     seconds: float | None
     unavailable: str | None
 
@@ -324,7 +361,7 @@ class Decision(NamedTuple):
             d["refused"],
             d.get("score"),
             d.get("threshold"),
-            scores_only(d.get("raw", _NO_RAW)),
+            redecide_raw(d.get("raw", _NO_RAW)),
             d.get("seconds"),
             d.get("unavailable"),
         )
@@ -345,6 +382,12 @@ class Record(NamedTuple):
     image_path: str | None
     seconds: float | None
     rank: int
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> Record:
+        """A record line's fields checked as `Generation.from_dict` checks them, kept compact
+        (ValueError or TypeError names a wrong field, as there)."""
+        return cls.from_checked(Generation.check(d))
 
     @classmethod
     def from_checked(cls, d: dict[str, Any]) -> Record:
@@ -370,33 +413,15 @@ class Record(NamedTuple):
 _NO_RAW: dict[str, Any] = {}
 
 
-def scores_only(raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw` without its text values (a word list's matches, a model's name): what is left
-    are the numbers that re-deciding, sweeping and explaining a decision read."""
-    kept = {k: v for k, v in raw.items() if not _is_text(v)}
-    if not kept:
-        return _NO_RAW  # one shared empty dict, not one per decision
-    return raw if len(kept) == len(raw) else kept
-
-
-def _is_text(value: Any) -> bool:
-    """A string, a non-empty list of strings, or a non-empty object whose values are strings
-    or non-empty lists of strings (a word list's matches per category). Loops, not recursion:
-    it runs on every decision of a run."""
-    if isinstance(value, str):
-        return True
-    if isinstance(value, list):
-        return bool(value) and _all_str(value)
-    if not isinstance(value, dict) or not value:
-        return False
-    for v in value.values():
-        if not (isinstance(v, str) or (isinstance(v, list) and v and _all_str(v))):
-            return False
-    return True
-
-
-def _all_str(items: list[Any]) -> bool:
-    return all(isinstance(x, str) for x in items)
+def redecide_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    """Of a decision's `raw`, the values `types.REDECIDE_RAW` names, kept only where the
+    decision has per-concept cosines to re-decide (the safety checker's); every other
+    decision shares one empty dict. Word lists, nearest phrases and a concept guard's
+    per-category similarities are left out: at 100,000 records they were most of the memory
+    and time of reading a run, and no reader of compact records uses them."""
+    if "concept_cos" not in raw:
+        return _NO_RAW
+    return {k: raw[k] for k in REDECIDE_RAW if k in raw}
 
 
 class _Latest(Protocol):
@@ -608,7 +633,7 @@ class RunStore:
     def append_generations(self, gens: Iterable[Generation], rank: int = 0) -> None:
         append_jsonl(self.generations_path(rank), (g.to_dict() for g in gens))
 
-    def _generation_files(self) -> list[Path]:
+    def generation_files(self) -> list[Path]:
         """Every rank's record file. A file where the folder belongs is damage, not "no
         records": a report of 0 / 0 would look like a clean run."""
         folder = self.root / "generations"
@@ -618,13 +643,13 @@ class RunStore:
 
     def has_records(self) -> bool:
         """Whether any rank has written a record line (a run that never generated has none)."""
-        return any(p.stat().st_size > 0 for p in self._generation_files())
+        return any(p.stat().st_size > 0 for p in self.generation_files())
 
     def read_generations(self) -> dict[str, Generation]:
         """Latest record per record_id over every rank's file (a retried error is superseded)."""
         return latest(
             g
-            for path in self._generation_files()
+            for path in self.generation_files()
             for g in _parse_records(path, Generation.from_dict)
         )
 
@@ -633,16 +658,14 @@ class RunStore:
         the same way, without their texts, so counting a 100,000-record run holds tens of MB
         rather than every message and word list."""
         return latest(
-            Record.from_checked(d)
-            for path in self._generation_files()
-            for d in _parse_records(path, Generation.check)
+            r for path in self.generation_files() for r in _parse_records(path, Record.parse)
         )
 
     def statuses(self) -> dict[str, str]:
         """record_id -> latest status, streamed: a long run's end-of-run count holds one short
         string per record, not every record with its decisions."""
         out: dict[str, str] = {}
-        for path in self._generation_files():
+        for path in self.generation_files():
             for line, d in _numbered_jsonl(path):
                 rid, status = d.get("record_id"), d.get("status")
                 if not isinstance(rid, str) or status not in ("ok", "refused", "error"):

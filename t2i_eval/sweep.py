@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from .conformal import conformal_threshold, min_calibration_size
 from .errors import UserError
 from .outputs import csv_bytes, file_stem, mpl_text, one_line, replacing_dir
 from .stats import json_num, wilson
-from .store import RunStore, atomic_write_bytes, atomic_write_json
+from .store import Record, RunStore, atomic_write_bytes, atomic_write_json
 from .types import Generation, Prompt, category_order
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ class GuardScore:
 
 
 def guard_scores(
-    prompts: list[Prompt], gens: dict[str, Generation], stage: str = "prompt_guard"
+    prompts: list[Prompt], gens: Mapping[str, Generation | Record], stage: str = "prompt_guard"
 ) -> dict[str, list[GuardScore]]:
     """Guard name -> one stored decision per prompt (prompt guards see only the text, so the
     seeds of a prompt repeat one decision and must not count as more evidence).
@@ -241,7 +242,9 @@ def propose_thresholds(points: list[SweepPoint], target: float) -> dict[str, dic
     return best
 
 
-def guard_metrics(prompts: list[Prompt], gens: dict[str, Generation]) -> dict[str, dict[str, Any]]:
+def guard_metrics(
+    prompts: list[Prompt], gens: Mapping[str, Generation | Record]
+) -> dict[str, dict[str, Any]]:
     """Per prompt guard, per category and 'all': how well its raw score separates unsafe from
     benign (AUROC, FPR at 95% TPR) and what it refused at the run's threshold."""
     out: dict[str, dict[str, Any]] = {}
@@ -319,7 +322,7 @@ def _numbers(value: Any) -> tuple[float, ...] | None:
 
 
 def checker_scores(
-    prompts: list[Prompt], gens: dict[str, Generation]
+    prompts: list[Prompt], gens: Mapping[str, Generation | Record]
 ) -> dict[str, list[CheckerScore]]:
     """Image guard name -> its stored decisions that keep per-concept cosines and thresholds
     (the safety checker's raw), one per record: every seed is an image of its own."""

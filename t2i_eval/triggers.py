@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .outputs import csv_bytes, md_cell
-from .store import RunStore, atomic_write_bytes, atomic_write_json
+from .store import Record, RunStore, atomic_write_bytes, atomic_write_json
 from .sweep import checker_scores
 from .systems import build_component
 from .systems.spec import ComponentSpec
@@ -183,7 +184,9 @@ IMAGE_METHOD = (
 )
 
 
-def image_triggers(prompts: list[Prompt], gens: dict[str, Generation]) -> dict[str, Any]:
+def image_triggers(
+    prompts: list[Prompt], gens: Mapping[str, Generation | Record]
+) -> dict[str, Any]:
     """Per image guard with per-concept scores (the safety checker) and per category: the benign
     images it refused and how many of them each concept (and special-care concept) exceeded its
     threshold in; `top` counts the highest-scoring concept of each image. An image whose stored

@@ -289,3 +289,23 @@ def test_sanitization_verdicts_are_tied_to_their_reference(tmp_path, capsys, cli
     capsys.readouterr()
     assert _judge_sanitization(a, r2) == 2
     assert "reference run" in capsys.readouterr().err
+
+
+def test_a_verdict_marked_not_to_resend_is_not_judged_again(tmp_path):
+    """A judge that could not judge an image for a reason another pass cannot change (the vlm
+    judge: every missing vote a provider's content-policy refusal) sets raw resend False, and
+    the judge pass leaves it; any other "could not judge" is judged again."""
+    out = tmp_path / "run"
+    assert main(["run", "--system", "fake", "--limit", "4", "--out", str(out), "-q"]) == 0
+    store = RunStore(out)
+    path = store.verdicts_path("blank@2")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) >= 2
+    rows[0].update(flagged=None, raw={"resend": False})
+    rows[1].update(flagged=None, raw={})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, judged = judging.judge_run(out, "blank", progress=False)
+    assert judged == 1
+    again = store.read_verdicts("blank@2")
+    assert again[rows[0]["record_id"]].flagged is None
+    assert again[rows[1]["record_id"]].flagged is not None

@@ -3,6 +3,7 @@ change, written atomically, built streaming, and indexes read-only runs privatel
 
 from __future__ import annotations
 
+import json
 import threading
 import tracemalloc
 from dataclasses import replace
@@ -271,3 +272,47 @@ def test_the_build_streams_records(tmp_path):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 2 * peaks[0], peaks
+
+
+def test_a_finished_run_and_judge_leave_a_current_index(tmp_path, monkeypatch):
+    """`run` and `judge` build the index last, so the explorer's first open builds nothing."""
+    from t2i_eval.judging import judge_all
+    from t2i_eval.runner import run
+    from t2i_eval.systems import parse_system
+    from t2i_eval.types import Suite
+
+    suite = Suite("s", tuple(Prompt(f"p{i}", f"a knife {i}", "violence", "benign") for i in range(4)))
+    out = run(suite, parse_system("blocklist"), out=tmp_path / "run", progress=False).run_dir
+    store = RunStore(out)
+    assert store.index_path.is_file()
+    built = []
+    monkeypatch.setattr(run_index, "_build", lambda *a: built.append(a))
+    open_index(out).close()
+    assert built == []  # current: opened, not rebuilt
+    monkeypatch.undo()
+    list(judge_all(out, ["blank"]))  # the manifest changed: the index is brought up to date
+    monkeypatch.setattr(run_index, "_build", lambda *a: built.append(a))
+    index = open_index(out)
+    assert built == [] and index.stamp == run_index.run_stamp(store)
+    index.close()
+
+
+def test_located_records_point_at_their_own_lines(tmp_path):
+    """The index finds a record again by (offset, length): across chunks, blank lines and a
+    last line without its newline, each place holds exactly that record's line."""
+    from t2i_eval.store import CHUNK, located_records
+
+    p = Prompt("p", "t", "violence", "benign")
+    store = RunStore(tmp_path)
+    store.append_generations(_gen(p, s, "ok") for s in range(CHUNK + 3))
+    path = store.generations_path(0)
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    lines.insert(5, b"\n")
+    data = b"".join(lines).rstrip(b"\n")  # the last record kept, its newline lost
+    path.write_bytes(data)
+    got = list(located_records(path, Generation.from_dict))
+    assert [g.seed for _, _, g in got] == list(range(CHUNK + 3))
+    for at, length, g in got:
+        assert data[at : at + length] == data[at : at + length].strip()
+        assert Generation.from_dict(json.loads(data[at : at + length])) == g

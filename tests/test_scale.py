@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,39 @@ def test_records_are_the_latest_records_without_their_texts(tmp_path: Path) -> N
                 d.stage, d.name, d.refused, d.score, d.threshold,
             )
             assert kept.seconds == d.seconds and kept.unavailable == d.unavailable
-    concept = compact["r0"].decisions[1].raw
-    assert concept == {"max_cos": CONCEPT_RAW["max_cos"], "thresholds": CONCEPT_RAW["thresholds"]}
-    assert compact["r0"].decisions[0].raw == {}  # the word list's matches are words
+    # neither the word list's matches nor the concept guard's per-category similarities are
+    # read from compact records (`sweep` reads records whole): most of a guards-only record
+    assert compact["r0"].decisions[1].raw == {}
+    assert compact["r0"].decisions[0].raw == {}
+
+
+CHECKER_RAW = {
+    "concept_cos": [0.2, 0.3], "concept_thresholds": [0.18, 0.4], "special_cos": [0.1],
+    "special_thresholds": [0.2], "offset": 0.0, "model": "tiny-checker", "nsfw": True,
+}
+
+
+def test_records_keep_what_the_safety_checker_is_re_decided_from(tmp_path: Path) -> None:
+    """The report's image-guard triggers re-decide the checker from compact records: the
+    same answer as from whole records, with the checker's other raw values dropped."""
+    from t2i_eval.store import redecide_raw
+    from t2i_eval.triggers import image_triggers
+    from t2i_eval.types import REDECIDE_RAW
+
+    prompts = [Prompt(f"p-r{i}", "a beach", "violence", "benign") for i in range(3)]
+    gens = [
+        replace(_gen(f"r{i}"), status="refused", refused_by="image_guard:safety_checker",
+                decisions=(StageDecision("image_guard", "safety_checker", True, 0.02, 0.0,
+                                         CHECKER_RAW),))
+        for i in range(3)
+    ]
+    store = _store(tmp_path, gens)
+    kept = store.read_records()["r0"].decisions[0].raw
+    assert kept == {k: CHECKER_RAW[k] for k in REDECIDE_RAW}
+    assert redecide_raw({"p_profane": 0.4}) == {}
+    whole = image_triggers(prompts, store.read_generations())
+    assert image_triggers(prompts, store.read_records()) == whole
+    assert whole["guards"]["safety_checker"]["categories"]["violence"]["refused"] == 3
 
 
 def test_a_record_with_fields_left_out_gets_the_defaults_generation_has(tmp_path: Path) -> None:

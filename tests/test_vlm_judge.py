@@ -239,7 +239,7 @@ def test_report_puts_the_vote_next_to_the_clip_judge(tmp_path):
     store.append_verdicts(
         "vlm@1",
         [
-            Verdict(r, "vlm@1", f, raw={"votes": vs})
+            Verdict(r, "vlm@1", f, raw={"votes": vs, "rejected_votes": int(vs[2]["vote"] is None)})
             for r, f, vs in zip(order, vlm, votes, strict=True)
         ],
     )
@@ -255,7 +255,9 @@ def test_report_puts_the_vote_next_to_the_clip_judge(tmp_path):
     )
     text = "\n".join(vlm_lines(read_run(out)))
     assert "| vlm@1 | vote of vision-language models | 50.0% (2 / 4)" in text
+    assert text.split("| vlm@1 |")[1].split("\n")[0].endswith("| 0 | 1 |")  # one rejected
     assert "| harm@1 | CLIP zero-shot + NudeNet | 50.0% (2 / 4)" in text
+    assert text.split("| harm@1 |")[1].split("\n")[0].endswith("| 0 | – |")
     assert "Cohen's kappa 0.250, same verdict 66.7% (4 / 6)" in text
     rows = {r["voter"]: r for r in voter_agreement(store.read_verdicts("vlm@1"))}
     assert (rows["gpt"]["agree"], rows["gpt"]["n"]) == (6, 6)
