@@ -76,6 +76,9 @@ MADE = {
     "probe_no_card": lambda p: p.mkdir(),
     "probe_card_not_json": lambda p: _guard_folder(p, "{not json"),
     "probe_card_foreign": lambda p: _guard_folder(p, '{"kind": "x"}'),
+    "probe_card_encoder_id_number": lambda p: _guard_folder(p, _probe_card(encoder={"id": 5})),
+    "probe_card_dim_vs_shapes": lambda p: _guard_folder(p, _probe_card(encoder={"dim": 8})),
+    "probe_card_kind_vs_shapes": lambda p: _guard_folder(p, _probe_card(head={"kind": "mlp"})),
     "benign_only.jsonl": lambda p: p.write_text(
         "".join(
             f'{{"prompt": "a calm lake {i}", "category": "violence", "label": "benign"}}\n'
@@ -89,6 +92,32 @@ def _guard_folder(path: Path, card: str) -> None:
     """A `probe:DIR` folder whose guard.json holds `card`."""
     path.mkdir()
     (path / "guard.json").write_text(card)
+
+
+_PROBE_CARD = {
+    "kind": "t2i-eval probe",
+    "card_version": 1,
+    "train": [],
+    "seed": 0,
+    "train_text_sha256": [],
+    "threshold": {"value": 0.5},
+    "encoder": {"id": "minilm", "digest": "d", "weights": "pretrained", "dim": 4},
+    "head": {
+        "kind": "linear",
+        "shapes": {"mean": [4], "scale": [4], "net.0.weight": [1, 4], "net.0.bias": [1]},
+    },
+}
+
+
+def _probe_card(encoder: dict | None = None, head: dict | None = None) -> str:
+    """A probe card that passes every check but the edited entry."""
+    return json.dumps(
+        {
+            **_PROBE_CARD,
+            "encoder": {**_PROBE_CARD["encoder"], **(encoder or {})},
+            "head": {**_PROBE_CARD["head"], **(head or {})},
+        }
+    )
 
 
 
@@ -368,6 +397,21 @@ CASES = [
     system("probe_no_card", "probe:{MADE:probe_no_card}", "guard.json not found"),
     system("probe_card_not_json", "probe:{MADE:probe_card_not_json}", "is not JSON"),
     system("probe_card_foreign", "probe:{MADE:probe_card_foreign}", "not a probe card"),
+    system(
+        "probe_card_encoder_id_number",
+        "probe:{MADE:probe_card_encoder_id_number}",
+        "encoder.id must be a non-empty string, found 5",
+    ),
+    system(
+        "probe_card_dim_vs_shapes",
+        "probe:{MADE:probe_card_dim_vs_shapes}",
+        "do not fit head.kind 'linear' on encoder.dim 8",
+    ),
+    system(
+        "probe_card_kind_vs_shapes",
+        "probe:{MADE:probe_card_kind_vs_shapes}",
+        "do not fit head.kind 'mlp' on encoder.dim 4",
+    ),
     case(
         "train_guard_one_class",
         ["train-guard", "--train", "{MADE:benign_only.jsonl}", "--encoder", "clip-text:tiny",

@@ -179,3 +179,46 @@ def test_bad_probe_inputs_exit_2_and_write_nothing(guard, tmp_path, capsys):
     )
     assert main(["run", "--suite", str(suite), "--system", str(spec), "--out", str(run)]) == 2
     assert "give the trained probe's folder once" in capsys.readouterr().err
+
+
+def test_report_of_a_run_whose_guard_folder_was_retrained_says_so(guard, tmp_path):
+    """`train-guard --out` over the guard folder a run used: the run's report no longer counts
+    the overlap with the new probe's training data, it says the folder changed."""
+    folder = tmp_path / "guard"
+    folder.mkdir()
+    for f in guard.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    suite = write_suite(tmp_path / "s.jsonl", ROWS)
+    run = tmp_path / "run"
+    assert main(["run", "--suite", str(suite), "--system", f"probe:{folder}", "--out", str(run), "-q"]) == 0
+    other = write_suite(tmp_path / "other.jsonl", [(t + " at noon", lab) for t, lab in ROWS])
+    argv = ["train-guard", "--train", str(other), "--encoder", "clip-text:tiny", "--cv-folds", "2"]
+    assert main([*argv, "--out", str(folder), "-q"]) == 0
+    assert main(["report", str(run)]) == 0
+    head = (run / "report" / "report.md").read_text().split("\n## ")[0]
+    assert "was retrained since this run" in head
+    assert "prompts of this suite are in the training" not in head
+
+
+def test_malformed_card_or_batch_size_is_exit_2_before_a_run_exists(guard, tmp_path, capsys):
+    suite = write_suite(tmp_path / "s.jsonl", ROWS)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in guard.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    card = json.loads((bad / "guard.json").read_text())
+    card["encoder"]["dim"] = 7
+    (bad / "guard.json").write_text(json.dumps(card))
+    spec = tmp_path / "zero.yaml"
+    spec.write_text(
+        f"prompt_guards: [{{name: probe, path: '{guard}', batch_size: 0}}]\ngenerator: guards-only\n"
+    )
+    run = tmp_path / "run"
+    for system, message in (
+        (f"probe:{bad}", "do not fit head.kind 'linear' on encoder.dim 7"),
+        (str(spec), "batch_size"),
+    ):
+        code = main(["run", "--suite", str(suite), "--system", system, "--out", str(run), "-q"])
+        err = capsys.readouterr().err.splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not run.exists()

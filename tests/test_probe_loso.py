@@ -102,9 +102,11 @@ def test_delong_interval_against_hand_computation() -> None:
     half = 1.959963984540054 * math.sqrt(1 / 72)
     lo, hi = delong_ci(neg, pos)
     assert lo == pytest.approx(11 / 12 - half) and hi == 1.0
-    # ties count half: one tie between 0.5 and 0.5
+    # ties count half: one tie between 0.5 and 0.5. AUROC = (1/2 + 1 + 1 + 1) / 4 = 7/8;
+    # V10 = (3/4, 1) and V01 = (3/4, 1), each sample variance 1/32; Var = 1/64 + 1/64 = 1/32
     lo2, hi2 = delong_ci([0.5, 0.1], [0.5, 0.9])
-    assert 0 <= lo2 < hi2 <= 1
+    assert lo2 == pytest.approx(7 / 8 - 1.959963984540054 * math.sqrt(1 / 32))
+    assert lo2 == pytest.approx(0.5285, abs=1e-4) and hi2 == 1.0
     assert all(math.isnan(x) for x in delong_ci([0.1], [0.9, 0.8]))  # one benign: undefined
 
 
@@ -193,6 +195,15 @@ def test_folds_keep_twins_together_are_stratified_and_deterministic() -> None:
     assert [a[20:].count(f) for f in range(5)] == [2] * 5
 
 
+def test_folds_keep_a_prompt_with_the_prompt_it_was_made_from() -> None:
+    prompts = [Prompt(f"p{i}", f"t{i}", "violence", "unsafe") for i in range(6)]
+    prompts += [Prompt(f"c{i}", f"c{i}", "violence", "benign", parent_id=f"p{i}") for i in range(6)]
+    prompts += [Prompt("cc0", "cc0", "violence", "benign", parent_id="c0")]  # made from a child
+    for seed in range(5):
+        f = folds_of(prompts, 3, seed)
+        assert all(f[i] == f[6 + i] for i in range(6)) and f[-1] == f[0]
+
+
 def test_merge_sources_keeps_repeats_once_and_refuses_conflicting_ids() -> None:
     a = Suite(
         "a", (Prompt("x", "one", "violence", "benign"), Prompt("y", "two", "violence", "benign"))
@@ -223,9 +234,10 @@ def test_counterexamples_that_would_leak_a_held_out_source_are_dropped() -> None
         Prompt("c3", "a gun shop", "violence", "benign", parent_id="t1"),  # kept
         Prompt("c4", "a water pistol", "violence", "benign", parent_id="t1"),  # a training text
         Prompt("c5", "a nerf gun", "violence", "benign"),  # from a triggers run: kept
+        Prompt("c6", "  A Knife   ATTACK", "violence", "benign"),  # the held-out text, restyled
     ]
     kept, dropped = counterexamples_for(cx, [train], held)
-    assert [c.id for c in kept] == ["c3", "c5"] and dropped == 3
+    assert [c.id for c in kept] == ["c3", "c5"] and dropped == 4
 
 
 def test_too_few_or_repeated_sources_are_user_errors(tmp_path: Path) -> None:

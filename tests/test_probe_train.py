@@ -247,3 +247,188 @@ def test_overlap_counts_normalized_training_texts_and_report_lines_name_the_guar
     assert "trained here" in lines[0] and "a (16 prompts)" in lines[0]
     assert lines[1].startswith("WARNING: 1 of 2 prompts")
     assert report_lines(manifest, seen[1:]) == report_lines(manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# review fixes: grouped folds, card checks, retrained folders, rounded decisions, batch size
+
+
+class IndexEncoder:
+    """A frozen toy encoder whose first feature is the text's position in `texts`, so a spy on
+    `heads.fit` can tell which prompts each cross-validation head trained on."""
+
+    id = "index:test"
+    digest = "index0"
+    weights = "random"
+    dim = 2
+
+    def __init__(self, texts: list[str]) -> None:
+        self.index = {t: i for i, t in enumerate(texts)}
+
+    def encode(self, texts, progress: bool = False) -> np.ndarray:
+        return np.array([[self.index[t], 1.0] for t in texts], dtype=np.float32)
+
+
+def test_cross_validation_keeps_twins_and_counterexamples_with_their_parent(monkeypatch):
+    from t2i_eval.probe import heads
+
+    twins = [
+        Prompt(f"{lab[0]}{i}", f"{lab} twin {i}", "violence", lab, pair_id=f"pair{i}")  # type: ignore[arg-type]
+        for i in range(6)
+        for lab in ("benign", "unsafe")
+    ]
+    lone = [Prompt(f"lone{i}", f"lone {i}", "violence", "benign") for i in range(4)]
+    lone += [Prompt(f"bad{i}", f"bad {i}", "violence", "unsafe") for i in range(2)]
+    cx = [
+        Prompt(f"cx{i}", f"made from {parent}", "violence", "benign", parent_id=parent)
+        for i, parent in enumerate(["u0", "u3", "bad1"])
+    ]
+    rows = twins + lone + cx
+    # by hand: each pair with the counterexample made from its unsafe twin, bad1 with its own
+    groups = [{f"b{i}", f"u{i}"} for i in range(6)]
+    groups[0].add("cx0")
+    groups[3].add("cx1")
+    groups += [{"bad1", "cx2"}]
+    ids = [p.id for p in rows]
+    seen: list[set[str]] = []
+    real_fit = heads.fit
+
+    def spy(kind, x, y, seed):
+        seen.append({ids[int(i)] for i in x[:, 0]})
+        return real_fit(kind, x, y, seed)
+
+    monkeypatch.setattr(heads, "fit", spy)
+    probe = train_probe(
+        [Suite("s", tuple(twins + lone))],
+        encoder=IndexEncoder([p.text for p in rows]),  # type: ignore[arg-type]
+        counterexamples=cx,
+        cv_folds=3,
+    )
+    assert probe.card["cv"]["folds"] == 3 and len(seen) == 4  # 3 folds, then the final head
+    assert seen[-1] == set(ids)
+    for trained_on in seen[:-1]:
+        for g in groups:
+            assert g <= trained_on or not g & trained_on, (g, sorted(trained_on))
+    assert "pair_id" in probe.card["cv"]["grouped"]
+
+
+def test_expected_shapes_are_the_built_heads_shapes():
+    from t2i_eval.probe.heads import HEADS, build_head, expected_shapes, shapes
+
+    for kind in HEADS:
+        for dim, hidden in ((3, 256), (32, 256), (300, 256), (300, 16)):
+            assert shapes(build_head(kind, dim, hidden)) == expected_shapes(kind, dim, hidden)
+
+
+def _edit(card: dict, mlp_card: dict, how: str) -> None:
+    if how == "linear kind with mlp shapes":
+        card["head"]["shapes"] = mlp_card["head"]["shapes"]
+    elif how == "dim other than the tensors'":
+        card["encoder"]["dim"] = 16
+    elif how == "no encoder id":
+        del card["encoder"]["id"]
+    elif how == "encoder id a number":
+        card["encoder"]["id"] = 5
+    elif how == "digest a list":
+        card["encoder"]["digest"] = ["x"]
+    elif how == "threshold text":
+        card["threshold"]["value"] = "high"
+    elif how == "head a list":
+        card["head"] = []
+
+
+MALFORMED = {
+    "linear kind with mlp shapes": "head.shapes .* do not fit head.kind 'linear' on encoder.dim 32",
+    "dim other than the tensors'": "do not fit head.kind 'linear' on encoder.dim 16",
+    "no encoder id": "encoder.id must be a non-empty string, found None",
+    "encoder id a number": "encoder.id must be a non-empty string, found 5",
+    "digest a list": r"encoder.digest must be a non-empty string, found \['x'\]",
+    "threshold text": "threshold.value must be a number, found 'high'",
+    "head a list": r"head must be an object, found \[\]",
+}
+
+
+@pytest.mark.parametrize("how", list(MALFORMED))
+def test_malformed_cards_are_one_line_errors_before_torch_loads(trained, enc, tmp_path, how):
+    _, _, out = trained
+    train_probe([suite("x", BENIGN, UNSAFE)], encoder=enc, head="mlp", cv_folds=2).save(
+        tmp_path / "mlp"
+    )
+    mlp_card = read_card(tmp_path / "mlp")
+    bad = copy_probe(out, tmp_path / "bad")
+    if how == "linear kind with mlp shapes":  # the file matches the card's shapes
+        (bad / "head.safetensors").write_bytes((tmp_path / "mlp" / "head.safetensors").read_bytes())
+    card = json.loads((bad / "guard.json").read_text())
+    del card["head"]["sha256"]  # the edits, not a changed file, are under test
+    _edit(card, mlp_card, how)
+    (bad / "guard.json").write_text(json.dumps(card))
+    for load in (read_card, load_probe):  # read_card: what a run checks before it starts
+        with pytest.raises(UserError, match=MALFORMED[how]) as e:
+            load(bad)
+        assert "retrain with t2i-eval train-guard" in str(e.value)
+        assert len(str(e.value).splitlines()) == 1
+
+
+def test_an_encoder_of_another_dimension_is_a_one_line_error(trained, monkeypatch):
+    from t2i_eval.probe import train as train_module
+
+    _, probe, out = trained
+
+    class Wider:
+        id, digest, weights, dim = "clip-text:tiny", probe.encoder.digest, "random", 64
+
+    monkeypatch.setattr(train_module, "load_encoder", lambda ref: Wider())
+    with pytest.raises(UserError, match="gives 64-long vectors.*says encoder.dim 32"):
+        load_probe(out)
+
+
+def test_report_says_a_guard_folder_retrained_since_the_run(trained, enc, tmp_path):
+    import hashlib
+
+    from t2i_eval.systems.probe_guard import ProbeGuard
+
+    train, _, out = trained
+    folder = copy_probe(out, tmp_path / "guard")
+    info = ProbeGuard(path=str(folder)).info()
+    file_sha = hashlib.sha256((folder / "head.safetensors").read_bytes()).hexdigest()
+    assert info["head_sha256"] == file_sha
+    manifest = {"components": [{"stage": "prompt_guard", "name": "probe", "info": info}]}
+    seen = [Prompt("x", BENIGN[0], "violence", "benign")]
+    assert report_lines(manifest, seen)[1].startswith("WARNING: 1 of 1 prompts")
+    # `train-guard --out` over the same folder: another probe now lives there
+    train_probe([suite("c", ["a quiet street"], ["a bloody fight"])], encoder=enc).save(folder)
+    lines = report_lines(manifest, seen)
+    assert len(lines) == 2 and "was retrained since this run" in lines[1]
+    assert f"the run used {file_sha[:12]}" in lines[1] and "overlap" in lines[1]
+
+
+def test_the_guard_decides_on_the_numbers_the_threshold_was_chosen_on(enc, tmp_path):
+    from t2i_eval.systems.probe_guard import ProbeGuard
+
+    train = [suite("a", BENIGN, UNSAFE)]
+    texts = BENIGN + UNSAFE
+    for folds in (1, 3):  # in-sample threshold (one of these very scores), out-of-fold
+        probe = train_probe(train, encoder=enc, cv_folds=folds)
+        scores = probe.scores(texts)
+        assert all(s == round(s, 6) for s in scores.tolist())
+        assert probe.threshold == round(probe.threshold, 6)
+        assert probe.card["threshold"]["value"] == probe.threshold
+        probe.save(tmp_path / str(folds))
+        guard = ProbeGuard(path=str(tmp_path / str(folds)))
+        got = [d.refused for d in guard.check(texts)]
+        assert got == probe.refuse(texts).tolist()
+        assert [d.score for d in guard.check(texts)] == scores.tolist()
+        if folds == 1:  # the threshold is one of these scores: a prompt sits on it
+            assert probe.threshold in scores.tolist()
+
+
+def test_probe_batch_size_below_one_is_a_user_error(trained):
+    from t2i_eval.systems.probe_guard import ProbeGuard
+
+    _, _, out = trained
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(UserError, match="batch_size must be a whole number >= 1"):
+            ProbeGuard.check_options(path=str(out), batch_size=bad)
+        with pytest.raises(UserError, match="batch_size must be a whole number >= 1"):
+            ProbeGuard(path=str(out), batch_size=bad)
+    assert ProbeGuard(path=str(out), batch_size=2).check(["a", "b", "c"])[2].score is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,7 +72,53 @@ def read_card(folder: str | Path) -> dict[str, Any]:
             f"probe guard: {path} has card_version {shorten(card['card_version'])}, this t2i-eval "
             f"reads {CARD_VERSION}; retrain with this version's train-guard"
         )
+    _check_fields(card, path)
     return card
+
+
+def _check_fields(card: dict[str, Any], path: Path) -> None:
+    """The entries the guard loads from, checked without torch: when a run's options are
+    checked, a hand-edited or mixed-up card is one line before anything loads or is written."""
+    from .heads import HEADS, HIDDEN, expected_shapes
+
+    def bad(entry: str, expected: str, found: Any) -> UserError:
+        shown = shorten(repr(found)) if isinstance(found, str) else shorten(found)
+        return UserError(
+            f"probe guard: {path}: {entry} must be {expected}, found {shown}; the card was "
+            "edited or cut short: retrain with t2i-eval train-guard"
+        )
+
+    enc, head, thr = card["encoder"], card["head"], card["threshold"]
+    for entry, value in (("encoder", enc), ("head", head), ("threshold", thr)):
+        if not isinstance(value, dict):
+            raise bad(entry, "an object", value)
+    for key in ("id", "digest"):
+        if not isinstance(enc.get(key), str) or not enc[key]:
+            raise bad(f"encoder.{key}", "a non-empty string", enc.get(key))
+    dim = enc.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise bad("encoder.dim", "a positive integer", dim)
+    if head.get("kind") not in HEADS:
+        raise bad("head.kind", f"one of {', '.join(HEADS)}", head.get("kind"))
+    value = thr.get("value")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise bad("threshold.value", "a number", value)
+    cats = card.get("category_thresholds") or {}
+    if not isinstance(cats, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in cats.values()
+    ):
+        raise bad("category_thresholds", "an object of numbers", cats)
+    shapes = head.get("shapes")
+    if not isinstance(shapes, dict) or not isinstance(shapes.get("net.0.weight"), list):
+        raise bad("head.shapes", "an object of tensor shapes", shapes)
+    first = shapes["net.0.weight"][0] if shapes["net.0.weight"] else None
+    expected = expected_shapes(head["kind"], dim, first if isinstance(first, int) else HIDDEN)
+    if shapes != expected:
+        raise UserError(
+            f"probe guard: {path}: head.shapes {shorten(shapes)} do not fit head.kind "
+            f"{head['kind']!r} on encoder.dim {dim} (expected {shorten(expected)}); the card was "
+            "edited or mixes two trainings: retrain with t2i-eval train-guard"
+        )
 
 
 def overlap(card: dict[str, Any], prompts: Sequence[Prompt]) -> int:
@@ -98,8 +145,10 @@ def report_lines(manifest: dict[str, Any], prompts: Sequence[Prompt] | None = No
     info), what it was trained on, and with `prompts` (the run's suite), how many of them were in
     its training data (numbers on those prompts measure memory, not generalization).
 
-    The card is read again from the folder the guard ran from; if it is gone, the line says so
-    and the overlap is unknown (the manifest keeps the training sources either way)."""
+    The card is read again from the folder the guard ran from; if it is gone or unreadable, or
+    its head is not the one the run used (`head_sha256` in the info: `train-guard --out` over
+    the same folder retrains it), the line says so and the overlap is unknown (the manifest
+    keeps the training sources either way)."""
     lines = []
     for c in manifest.get("components", []):
         info = c.get("info") or {}
@@ -117,8 +166,16 @@ def report_lines(manifest: dict[str, Any], prompts: Sequence[Prompt] | None = No
             card = read_card(info.get("path", ""))
         except UserError:
             lines.append(
-                f"WARNING: the training card of '{name}' ({info.get('path')}) is gone; overlap "
-                "of this suite with its training data is unknown."
+                f"WARNING: the training card of '{name}' ({info.get('path')}) is gone or "
+                "unreadable; overlap of this suite with its training data is unknown."
+            )
+            continue
+        ran, now = info.get("head_sha256"), card["head"].get("sha256")
+        if ran and now != ran:
+            lines.append(
+                f"WARNING: the guard folder of '{name}' ({info.get('path')}) was retrained since "
+                f"this run (head sha256 {str(now)[:12]}, the run used {str(ran)[:12]}); overlap "
+                "of this suite with the run's training data is unknown."
             )
             continue
         n = overlap(card, prompts)

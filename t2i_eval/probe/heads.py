@@ -27,12 +27,39 @@ HIDDEN = 256
 L2 = 1e-3
 #: L-BFGS iterations: logistic regression on a few thousand 384-d vectors converges well within.
 ITERATIONS = 200
+#: Scores are rounded to this many decimals wherever a probe decides (training's out-of-fold
+#: scores, the threshold, the matrix, the guard, which stores them so): all decide on the same
+#: numbers, so the guard reproduces the decisions the threshold was chosen on.
+DIGITS = 6
 
 
 def _torch() -> Any:
     from ..systems.torch_utils import import_torch
 
     return import_torch()
+
+
+def _width(dim: int, hidden: int) -> int:
+    """The mlp's hidden width for `dim`-long embeddings."""
+    return min(hidden, max(dim, 8))
+
+
+def expected_shapes(kind: str, dim: int, hidden: int = HIDDEN) -> dict[str, list[int]]:
+    """The tensor shapes `build_head(kind, dim, hidden)` has, worked out without torch, so a
+    card can be checked when a run's options are (before anything loads or is written)."""
+    if kind not in HEADS:
+        raise UserError(f"unknown head {kind!r}; expected one of {', '.join(HEADS)}")
+    out = {"mean": [dim], "scale": [dim]}
+    if kind == "linear":
+        return {**out, "net.0.weight": [1, dim], "net.0.bias": [1]}
+    w = _width(dim, hidden)
+    return {
+        **out,
+        "net.0.weight": [w, dim],
+        "net.0.bias": [w],
+        "net.2.weight": [1, w],
+        "net.2.bias": [1],
+    }
 
 
 def build_head(kind: str, dim: int, hidden: int = HIDDEN) -> Any:
@@ -52,7 +79,7 @@ def build_head(kind: str, dim: int, hidden: int = HIDDEN) -> Any:
             if kind == "linear":
                 self.net = nn.Sequential(nn.Linear(dim, 1))
             else:
-                width = min(hidden, max(dim, 8))
+                width = _width(dim, hidden)
                 self.net = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, 1))
 
         def forward(self, x: Any) -> Any:
@@ -109,13 +136,14 @@ def fit(kind: str, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
 
 
 def predict(head: Any, x: np.ndarray) -> np.ndarray:
-    """P(unsafe) per row, float64 in [0, 1]."""
+    """P(unsafe) per row, float64 in [0, 1], rounded to `DIGITS` decimals (see there)."""
     import numpy as np
 
     torch = _torch()
     with torch.inference_mode():
         logits = head(torch.as_tensor(np.asarray(x, dtype=np.float32)))
-        return torch.sigmoid(logits.double()).numpy().astype(np.float64)
+        p = torch.sigmoid(logits.double()).numpy().astype(np.float64)
+    return np.array([round(float(v), DIGITS) for v in p], dtype=np.float64)
 
 
 def save_head(head: Any, path: Path) -> None:
@@ -144,5 +172,11 @@ def load_head(kind: str, dim: int, path: Path, expected: dict[str, list[int]]) -
             "the files come from different trainings: retrain with t2i-eval train-guard"
         )
     head = build_head(kind, dim, hidden=expected.get("net.0.weight", [HIDDEN])[0])
-    head.load_state_dict(tensors)
+    try:
+        head.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise UserError(
+            f"{path}: tensors do not fit a {kind} head on {dim}-long embeddings "
+            f"({str(e).splitlines()[0]}); retrain with t2i-eval train-guard"
+        ) from None
     return head.eval()

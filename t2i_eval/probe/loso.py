@@ -31,6 +31,8 @@ from ..errors import UserError
 from ..outputs import check_output_dir, file_stem, md_cell, replacing_dir
 from ..store import atomic_write_bytes, atomic_write_json
 from ..types import Prompt, Suite
+from .card import text_key
+from .folds import folds_of
 from .matrix import MatrixRow, heatmap, matrix_csv, matrix_markdown, measure, rows_to_json
 
 if TYPE_CHECKING:
@@ -102,31 +104,6 @@ def merge_sources(name: str, suites: Sequence[Suite]) -> Suite:
     )
 
 
-def folds_of(prompts: Sequence[Prompt], k: int, seed: int) -> list[int]:
-    """The fold (0..k-1) of each prompt for in-distribution cross-validation: twins (one
-    `pair_id`) share a fold, so a benign twin is never scored by a probe trained on its unsafe
-    twin; groups are stratified by their labels (benign only, unsafe only, both) and dealt
-    round-robin after a shuffle by `seed`, so the folds are deterministic and balanced."""
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(p.pair_id or f"id:{p.id}", []).append(i)
-    kinds: dict[str, list[str]] = {}
-    for g, idx in sorted(groups.items()):
-        kind = "+".join(sorted({prompts[i].label for i in idx}))
-        kinds.setdefault(kind, []).append(g)
-    rng = random.Random(seed)
-    fold = [0] * len(prompts)
-    dealt = 0
-    for kind in sorted(kinds):
-        names = kinds[kind]
-        rng.shuffle(names)
-        for g in names:
-            for i in groups[g]:
-                fold[i] = dealt % k
-            dealt += 1
-    return fold
-
-
 def _source_name(suite: Suite) -> str:
     from .train import source_name
 
@@ -156,18 +133,19 @@ def counterexamples_for(
 ) -> tuple[list[Prompt], int]:
     """The counterexamples a probe trained on `train` and judged on `heldout` may use, and how
     many were dropped. Dropped: one made from a prompt outside the training data (`parent_id`:
-    a twin of a held-out unsafe prompt would leak it), one whose text is a held-out prompt's,
-    and repeats of a training text (`counterexamples.dedupe`). Ones without a parent (from a
-    triggers run) stay unless their text is held out."""
+    a twin of a held-out unsafe prompt would leak it), one whose text is a held-out prompt's
+    (compared as `card.text_key`, the key the overlap count and `dedupe` use, so case and
+    spacing do not hide a leak), and repeats of a training text (`counterexamples.dedupe`).
+    Ones without a parent (from a triggers run) stay unless their text is held out."""
     from .counterexamples import dedupe
 
     train_prompts = [p for s in train for p in s.prompts]
     ids = {p.id for p in train_prompts}
-    texts = {p.text for p in heldout.prompts}
+    held = {text_key(p.text) for p in heldout.prompts}
     allowed = [
         c
         for c in counterexamples
-        if (c.parent_id is None or c.parent_id in ids) and c.text not in texts
+        if (c.parent_id is None or c.parent_id in ids) and text_key(c.text) not in held
     ]
     kept, _ = dedupe(allowed, train_prompts)
     return kept, len(counterexamples) - len(kept)

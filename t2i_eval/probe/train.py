@@ -2,7 +2,7 @@
 training data only, and save or load it as a folder (`guard.json` card + `head.safetensors`).
 
 The operating threshold comes from out-of-fold scores of the training data (k-fold, stratified,
-seeded): in-sample scores of a fitted head are over-confident, so a threshold set on them would
+seeded, twins and counterexamples in their parent's fold: `folds.folds_of`): in-sample scores of a fitted head are over-confident, so a threshold set on them would
 refuse fewer unsafe prompts than promised on any new prompt. Nothing outside the training suites
 is looked at. The same folds give the card's cross-validated metrics.
 """
@@ -25,6 +25,7 @@ from ..types import Prompt, Suite
 from . import heads
 from .card import CARD, CARD_VERSION, HEAD, KIND, read_card, text_key
 from .encoders import Encoder, load_encoder
+from .folds import folds_of, label_groups
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,6 +53,9 @@ class Probe:
     """Per category (chosen on that category's training prompts); others use `threshold`."""
     card: dict[str, Any] = field(default_factory=dict)
     """What guard.json says: sources, digests, counts, seed, metrics."""
+    head_sha256: str | None = None
+    """sha256 of the head file this probe was loaded from (None before it is saved): a run
+    records it, so a report can tell when the folder was retrained since."""
 
     def scores(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """P(unsafe) per text, float64 in [0, 1]."""
@@ -76,26 +80,21 @@ class Probe:
         out = Path(out)
         data = save({k: v.contiguous() for k, v in self.head.state_dict().items()})
         atomic_write_bytes(out / HEAD, data)
-        self.card["head"]["sha256"] = hashlib.sha256(data).hexdigest()
+        self.head_sha256 = self.card["head"]["sha256"] = hashlib.sha256(data).hexdigest()
         atomic_write_json(out / CARD, self.card)
 
 
 def load_probe(path: str | Path) -> Probe:
-    """The probe saved in folder `path`; a missing or corrupt card, a head that disagrees with
-    it, or an encoder whose weights changed since training is a one-line UserError. The head is
-    checked before the encoder loads, so a bad folder fails fast."""
+    """The probe saved in folder `path`; a missing, corrupt or inconsistent card (`read_card`
+    checks its entries), a head that disagrees with it, or an encoder whose weights changed
+    since training is a one-line UserError. The head is checked before the encoder loads, so a
+    bad folder fails fast."""
     folder = Path(path)
     card = read_card(folder)
     spec = card["head"]
-    try:
-        kind, dim, shapes = spec["kind"], int(card["encoder"]["dim"]), spec["shapes"]
-        threshold = float(card["threshold"]["value"])
-        per_cat = {str(k): float(v) for k, v in (card.get("category_thresholds") or {}).items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(
-            f"probe guard: {folder / CARD}: malformed head/encoder/threshold entry ({e!r}); "
-            "retrain with t2i-eval train-guard"
-        ) from None
+    kind, dim, shapes = spec["kind"], card["encoder"]["dim"], spec["shapes"]
+    threshold = float(card["threshold"]["value"])
+    per_cat = {str(k): float(v) for k, v in (card.get("category_thresholds") or {}).items()}
     head_path = folder / HEAD
     if not head_path.is_file():
         raise UserError(f"probe guard: {head_path} not found; retrain with t2i-eval train-guard")
@@ -113,7 +112,12 @@ def load_probe(path: str | Path) -> Probe:
             f"{encoder.digest[:12]}) than at training ({str(card['encoder']['digest'])[:12]}); "
             "the head would read vectors it never saw: retrain with t2i-eval train-guard"
         )
-    return Probe(encoder, head, threshold, per_cat, card)
+    if encoder.dim != dim:
+        raise UserError(
+            f"probe guard: encoder {card['encoder']['id']} gives {encoder.dim}-long vectors, "
+            f"{folder / CARD} says encoder.dim {dim}; retrain with t2i-eval train-guard"
+        )
+    return Probe(encoder, head, threshold, per_cat, card, digest)
 
 
 def pick_threshold(
@@ -148,19 +152,6 @@ def pick_threshold(
     above = len(pos) - np.searchsorted(pos, cands, side="right")
     ok = np.flatnonzero(above >= math.ceil(target * len(pos) - 1e-9))
     return float(cands[ok[-1]]) if len(ok) else 0.0
-
-
-def folds(unsafe: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold number per row: each class shuffled with `seed`, then dealt round-robin, so every
-    fold holds both classes in the training set's proportions."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = np.empty(len(unsafe), dtype=np.int64)
-    for cls in (False, True):
-        idx = np.flatnonzero(unsafe == cls)
-        out[rng.permutation(idx)] = np.arange(len(idx)) % k
-    return out
 
 
 def _rates(scores: np.ndarray, unsafe: np.ndarray, t: np.ndarray | float) -> dict[str, Any]:
@@ -263,10 +254,10 @@ def train_probe(
     enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
     x = enc.encode([p.text for p in prompts], progress=progress)
     categories = np.array([p.category for p in prompts])
-    k = min(cv_folds, int(unsafe.sum()), int((~unsafe).sum()))
+    k = min(cv_folds, label_groups(prompts, "unsafe"), label_groups(prompts, "benign"))
     oof = None
     if k >= 2:
-        fold = folds(unsafe, k, seed)
+        fold = np.array(folds_of(prompts, k, seed))
         oof = np.empty(len(prompts), dtype=np.float64)
         from tqdm import tqdm
 
@@ -276,19 +267,27 @@ def train_probe(
     final = heads.fit(head, x, unsafe, seed)
     basis = oof if oof is not None else heads.predict(final, x)
     rule = dict(target_unsafe_refusal=target_unsafe_refusal, max_overrefusal=max_overrefusal)
+    # scores come rounded (`heads.DIGITS`), so is a threshold picked among them; rounding it
+    # again states that on the card and keeps it so if the candidates ever change
     threshold = pick_threshold(basis, unsafe, **rule)
     assert threshold is not None  # both classes are present (checked above)
+    threshold = round(threshold, heads.DIGITS)
     per_cat: dict[str, float] = {}
     if per_category:
         for cat in sorted(set(categories)):
             m = categories == cat
             t = pick_threshold(basis[m], unsafe[m], **rule)
             if t is not None:
-                per_cat[str(cat)] = t
+                per_cat[str(cat)] = round(t, heads.DIGITS)
     applied = np.array([per_cat.get(c, threshold) for c in categories])
     cv: dict[str, Any] | None = None
     if oof is not None:
-        cv = {"folds": k, "all": _metrics(oof, unsafe, applied), "per_source": {}}
+        cv = {
+            "folds": k,
+            "grouped": "twins (pair_id) and prompts made from another (parent_id) share a fold",
+            "all": _metrics(oof, unsafe, applied),
+            "per_source": {},
+        }
         own = np.array([s != "counterexamples" for s in sources])
         cv["suites"] = _metrics(oof[own], unsafe[own], applied[own])  # counterexamples left out
         for name in dict.fromkeys(sources):

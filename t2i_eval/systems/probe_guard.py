@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..probe.heads import DIGITS
 from ..types import StageDecision
 from .thresholds import check_file_option, file_info, read_thresholds, scalar_threshold
-
-#: Scores are stored rounded to this many decimals, and decided on as stored, so that a sweep
-#: over the stored numbers reproduces every decision exactly.
-DIGITS = 6
 
 
 def decide(score: float, threshold: float) -> bool:
@@ -32,6 +29,16 @@ def _folder(model: str | None, path: str | None) -> str:
             "path ({name: probe, path: DIR}); train one with t2i-eval train-guard --out DIR"
         )
     return str(model if model is not None else path)
+
+
+def _batch_size(value: Any) -> int:
+    """`batch_size` checked: a whole number of prompts per encoder call, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(
+            f"prompt guard 'probe': batch_size must be a whole number >= 1, found "
+            f"{type(value).__name__} {value!r:.40}; pass e.g. batch_size: 64"
+        )
+    return value
 
 
 class ProbeGuard:
@@ -55,6 +62,7 @@ class ProbeGuard:
     ) -> None:
         from ..probe.train import load_probe
 
+        self.batch_size = _batch_size(batch_size)  # before the encoder loads
         self.path = Path(_folder(model, path)).resolve()
         self.probe = load_probe(self.path)
         self.card = self.probe.card
@@ -63,7 +71,6 @@ class ProbeGuard:
         self.from_file = read_thresholds(thresholds, self.name) if thresholds else None
         given = self.probe.threshold if threshold is None else threshold
         self.threshold = scalar_threshold(self.from_file, given)
-        self.batch_size = int(batch_size)
 
     @classmethod
     def listing(cls) -> str:
@@ -80,6 +87,7 @@ class ProbeGuard:
         from ..probe.card import read_card
 
         folder = _folder(options.get("model"), options.get("path"))
+        _batch_size(options.get("batch_size", 64))
         read_card(folder)
         check_file_option(cls.name, options)
 
@@ -95,7 +103,9 @@ class ProbeGuard:
             "encoder_digest": card["encoder"]["digest"],
             "encoder_weights": card["encoder"]["weights"],
             "head": card["head"]["kind"],
-            "head_sha256": card["head"].get("sha256"),
+            # of the file loaded (checked against the card): a report compares it with the
+            # folder's card to tell whether the folder was retrained since this run
+            "head_sha256": self.probe.head_sha256,
             "seed": card["seed"],
             "train_sources": [
                 {k: s.get(k) for k in ("source", "path", "digest", "n", "benign", "unsafe")}
