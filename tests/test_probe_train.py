@@ -432,3 +432,23 @@ def test_probe_batch_size_below_one_is_a_user_error(trained):
         with pytest.raises(UserError, match="batch_size must be a whole number >= 1"):
             ProbeGuard(path=str(out), batch_size=bad)
     assert ProbeGuard(path=str(out), batch_size=2).check(["a", "b", "c"])[2].score is not None
+
+
+def test_clip_text_reads_a_pipeline_folder_or_a_bare_text_model_folder(enc, tmp_path):
+    """`clip-text:` takes a pipeline (its text_encoder/ and tokenizer/) or a CLIP text model
+    folder on its own; both give the same [EOS] vectors for the same weights."""
+    from t2i_eval.systems.tiny import ensure_tiny
+
+    pipeline = Path(ensure_tiny())
+    bare = tmp_path / "clip-text"
+    bare.mkdir()
+    for part in ("text_encoder", "tokenizer"):
+        for f in (pipeline / part).iterdir():
+            (bare / f.name).write_bytes(f.read_bytes())
+    texts = ["a calm lake at dawn", "a gory murdered body"]
+    from_pipeline = load_encoder(f"clip-text:{pipeline}").encode(texts)
+    from_bare = load_encoder(f"clip-text:{bare}").encode(texts)
+    np.testing.assert_allclose(from_pipeline, enc.encode(texts), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(from_bare, from_pipeline, rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="could not load a CLIP text model"):
+        load_encoder(f"clip-text:{tmp_path / 'nothing-here'}")

@@ -133,15 +133,8 @@ class ClipTextEncoder:
         transformers.utils.logging.disable_progress_bar()  # ours is the one users read
         self.id = ref
         folder, self.weights = _clip_folder(model)
-        sub = Path(folder) / "text_encoder"
-        is_pipeline = sub.is_dir()
         try:
-            text_model = CLIPTextModel.from_pretrained(
-                str(sub) if is_pipeline else folder, use_safetensors=True
-            ).eval()
-            tokenizer = CLIPTokenizer.from_pretrained(
-                str(Path(folder) / "tokenizer") if is_pipeline else folder
-            )
+            text_model, tokenizer = _load_clip_text(CLIPTextModel, CLIPTokenizer, folder)
         except (OSError, ValueError) as e:
             raise UserError(
                 f"encoder '{ref}': could not load a CLIP text model from {shorten(model)} "
@@ -160,6 +153,28 @@ class ClipTextEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = self.model.encode(list(texts), batch_size=BATCH, show_progress_bar=progress)
         return np.asarray(out, dtype=np.float32)
+
+
+def _load_clip_text(model_cls: Any, tokenizer_cls: Any, folder: str) -> tuple[Any, Any]:
+    """The text encoder and tokenizer of a pipeline (its `text_encoder/` and `tokenizer/`
+    subfolders, local or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5), or of a
+    bare CLIP text model folder or id."""
+    local = Path(folder).is_dir()
+    if not local or (Path(folder) / "text_encoder").is_dir():
+        try:
+            return (
+                model_cls.from_pretrained(
+                    folder, subfolder="text_encoder", use_safetensors=True
+                ).eval(),
+                tokenizer_cls.from_pretrained(folder, subfolder="tokenizer"),
+            )
+        except (OSError, ValueError):
+            if local:
+                raise
+    return (
+        model_cls.from_pretrained(folder, use_safetensors=True).eval(),
+        tokenizer_cls.from_pretrained(folder),
+    )
 
 
 def _clip_folder(model: str) -> tuple[str, str]:
