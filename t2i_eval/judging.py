@@ -26,7 +26,7 @@ from .errors import UserError
 from .judges import judge_class, judge_from_spec, load_spec, spec_digest, spec_key
 from .judges.base import ROLES, JudgeItem
 from .run_index import refresh_index
-from .store import Record, RunStore
+from .store import Record, RunStore, latest
 from .types import Prompt, Verdict
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def judge_run(
                 "pass --reference RUN_DIR"
             )
         ref_store, ref_manifest = _reference(manifest, reference)
-        ref_gens = ref_store.read_records()
+        ref_gens = _located(ref_store)
         # verdicts are only valid against the reference they were made with
         pinned["reference_run"] = {
             "system": ref_manifest["system"]["digest"],
@@ -125,7 +125,6 @@ def judge_run(
         }
     store.check_judge_spec(spec_key(spec), spec_digest(pinned))  # before a model loads
     judge = judge_from_spec(spec)
-    prompts = {p.id: p for p in store.read_prompts()}
     # judged, or never to be judged: every missing vote was a provider refusing to look at the
     # image (content policy); asking again would only be refused again (vlm judge's `resend`)
     done = {
@@ -133,11 +132,13 @@ def judge_run(
         for rid, v in store.read_verdicts(judge.key).items()
         if v.flagged is not None or v.raw.get("resend") is False
     }
-    todo = [  # compact records: a long run's end holds no record whole
+    todo = [
         g
-        for g in store.read_records().values()
+        for g in _located(store).values()
         if g.status == "ok" and g.image_path and g.record_id not in done
     ]
+    wanted = {g.prompt_id for g in todo}  # a long run's end keeps only the prompts it judges
+    prompts = {p.id: p for p in store.iter_prompts() if p.id in wanted}
     judges_info = dict(manifest.get("judges", {}))
     previous = judges_info.get(judge.key, {})
     judges_info[judge.key] = {
@@ -191,6 +192,12 @@ def judge_run(
             unreadable[0],
         )
     return judge.key, len(todo)
+
+
+def _located(store: RunStore) -> dict[str, Record]:
+    """record_id -> its latest record, without its decisions: what the judge pass reads of a
+    record (status, image, prompt), at a third of `read_records`' memory on a long run."""
+    return latest(r._replace(decisions=()) for r in store.iter_records())
 
 
 def timed(

@@ -43,14 +43,20 @@ T = TypeVar("T")
 STORE_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: never a half-written file."""
+def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: never a half-written file.
+
+    `data` may come in chunks (any iterable of bytes), so a large file (a 100,000-row CSV) is
+    written as it is made rather than held whole; the file appears only once all are written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide reports from other readers
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                f.write(data)
+            else:
+                f.writelines(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -625,9 +631,13 @@ class RunStore:
         atomic_write_bytes(self.prompts_path, data.encode("utf-8"))
 
     def read_prompts(self) -> list[Prompt]:
+        return list(self.iter_prompts())
+
+    def iter_prompts(self) -> Iterator[Prompt]:
+        """`read_prompts` one at a time, for a reader that keeps only some."""
         if not self.prompts_path.exists():
             raise UserError(f"{self.root}: no prompts.jsonl")
-        return list(_parse_records(self.prompts_path, Prompt.from_dict))
+        yield from _parse_records(self.prompts_path, Prompt.from_dict)
 
     # records -------------------------------------------------------------------------------
     def append_generations(self, gens: Iterable[Generation], rank: int = 0) -> None:
@@ -657,9 +667,13 @@ class RunStore:
         """`read_generations` as compact `Record`s: the same records, checked line by line
         the same way, without their texts, so counting a 100,000-record run holds tens of MB
         rather than every message and word list."""
-        return latest(
-            r for path in self.generation_files() for r in _parse_records(path, Record.parse)
-        )
+        return latest(self.iter_records())
+
+    def iter_records(self) -> Iterator[Record]:
+        """Every record line of every rank as a compact `Record`, in file order (superseded
+        ones too: `latest` picks), for a reader that keeps less than `read_records` does."""
+        for path in self.generation_files():
+            yield from _parse_records(path, Record.parse)
 
     def statuses(self) -> dict[str, str]:
         """record_id -> latest status, streamed: a long run's end-of-run count holds one short

@@ -97,3 +97,22 @@ def test_a_cause_without_a_short_name_shows_as_it_is() -> None:
     """A cause added to the vocabulary later needs no edit here to be reported."""
     assert "new_judge" not in CAUSE_SHORT
     assert _stage_counts(Cell(n=1, refused=1, by_cause={"new_judge": 1})) == "new_judge 1"
+
+
+def test_csv_chunks_write_the_same_file_as_csv_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long CSV made in chunks (so a 100,000-prompt run's per_prompt.csv is never held
+    whole) is byte for byte the file `csv_bytes` makes at once: one header, every row, cells
+    quoted the same, whatever the chunk size."""
+    from t2i_eval.outputs import csv_bytes
+    from t2i_eval.report import run as report_run
+
+    rows = [
+        {"prompt_id": f"p{i}", "note": 'a "quoted", cell\nsplit' if i % 3 else i} for i in range(10)
+    ]
+    whole = csv_bytes(list(rows[0]), rows)
+    for size in (1, 3, 10, 11):
+        monkeypatch.setattr(report_run, "CSV_CHUNK_ROWS", size)
+        chunks = list(report_run.csv_chunks(iter(rows), ["prompt_id"]))
+        assert b"".join(chunks) == whole
+        assert len(chunks) == max(1, -(-len(rows) // size))
+    assert b"".join(report_run.csv_chunks(iter([]), ["prompt_id"])) == csv_bytes(["prompt_id"], [])

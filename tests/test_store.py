@@ -1,4 +1,6 @@
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -115,3 +117,21 @@ def test_statuses_stream_latest_status(tmp_path):
     s.append_generations([_gen("a", "ok"), _gen("b", "error")], rank=1)
     assert s.statuses() == {"a": "ok", "b": "refused"}
     assert s.statuses() == {k: g.status for k, g in s.read_generations().items()}
+
+
+def test_atomic_write_bytes_takes_chunks(tmp_path: Path) -> None:
+    """Chunks are written as they come and the file appears only once all are written: a
+    chunk source that fails leaves no file (and no temp file) behind."""
+    from t2i_eval.store import atomic_write_bytes
+
+    path = tmp_path / "out.csv"
+    atomic_write_bytes(path, (f"{i}\n".encode() for i in range(3)))
+    assert path.read_bytes() == b"0\n1\n2\n"
+
+    def failing() -> Iterator[bytes]:
+        yield b"partial\n"
+        raise RuntimeError("source failed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_bytes(tmp_path / "other.csv", failing())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]

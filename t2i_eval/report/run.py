@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -508,13 +510,13 @@ def _mean_probability(cell: Cell) -> str:
     return f"{100 * sum(ps) / len(ps):.1f}% ({len(ps)} prompts)" if ps else "n/a"
 
 
-def per_prompt_rows(table: Table) -> list[dict[str, Any]]:
+def per_prompt_rows(table: Table) -> Iterator[dict[str, Any]]:
     """One row per prompt: its judged seeds, refused seeds and refusal probability
-    (report/per_prompt.csv), so per-prompt analyses need not re-read the records."""
-    rows = []
+    (report/per_prompt.csv), so per-prompt analyses need not re-read the records. Made one at
+    a time: a 100,000-prompt run's rows are written as they come, never held together."""
     for (category, label), cell in sorted(table.cells.items()):
         for pid, c in sorted(cell.per_prompt.items()):
-            rows.append(
+            yield (
                 {
                     "prompt_id": pid,
                     "category": category,
@@ -526,7 +528,24 @@ def per_prompt_rows(table: Table) -> list[dict[str, Any]]:
                     Outcome.UNJUDGED.value: c.unjudged,
                 }
             )
-    return rows
+
+
+#: Rows a long CSV is made in at a time (`csv_chunks`): bounds the memory its text takes.
+CSV_CHUNK_ROWS = 4096
+
+
+def csv_chunks(rows: Iterable[dict[str, Any]], empty_header: list[str]) -> Iterator[bytes]:
+    """`csv_bytes` of `rows` (header: the first row's keys, or `empty_header` when there are
+    none) in chunks of `CSV_CHUNK_ROWS` rows, byte for byte the same file, for
+    `atomic_write_bytes` to write as they come. Later chunks drop the header line
+    `csv_bytes` starts each with (header names hold no line breaks)."""
+    it = iter(rows)
+    chunk = list(islice(it, CSV_CHUNK_ROWS))
+    header = list(chunk[0]) if chunk else empty_header
+    yield csv_bytes(header, chunk)
+    while chunk := list(islice(it, CSV_CHUNK_ROWS)):
+        data = csv_bytes(header, chunk)
+        yield data[data.index(b"\n") + 1 :]
 
 
 def seeds_section(table: Table) -> str:
@@ -732,7 +751,7 @@ def write_report(
         store.report_file("per_category.csv"),
         csv_bytes(list(rows[0]) if rows else ["system"], rows),
     )
-    prompt_rows = per_prompt_rows(table)
-    fields = list(prompt_rows[0]) if prompt_rows else ["prompt_id"]
-    atomic_write_bytes(store.report_file("per_prompt.csv"), csv_bytes(fields, prompt_rows))
+    atomic_write_bytes(
+        store.report_file("per_prompt.csv"), csv_chunks(per_prompt_rows(table), ["prompt_id"])
+    )
     return text
