@@ -68,6 +68,7 @@ suite = Suite("scale", tuple(
 run(suite, parse_system("blocklist"), out=out, progress=False, judges=())
 generated = peak()
 judge_run(out, progress=False)
+del suite  # as `t2i-eval run` does before its report
 write_report(out)
 print(generated, peak())
 """

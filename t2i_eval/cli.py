@@ -58,7 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1 (got {args.threads})")
         _threads(args.threads)
-    suite = load_suite(args.suite)
+    # held in a list so it can be let go before the report (see below)
+    suites = [load_suite(args.suite)]
     spec = parse_system(args.system)
     ref_spec = parse_system(args.reference) if args.reference else None
     common = dict(
@@ -71,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result, ref_result = run_with_reference(
-        lambda system, out: run(suite, system, out=out, **common),
+        lambda system, out: run(suites[0], system, out=out, **common),
         spec,
         ref_spec,
         out=args.out,
@@ -80,6 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         clip=args.clip,
         progress=not args.quiet,
     )
+    # the report reads the run's own prompts: the suite (100,000 prompts in a large run, about
+    # 50 MB) is let go first, so the end of a run holds no more than its generation did
+    suites.clear()
     if result.rank != 0:
         return 0  # rank 0 judges and reports for the whole multi-process run
     text = write_report(result.run_dir)

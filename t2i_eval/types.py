@@ -123,9 +123,17 @@ def outcomes(
     blank: dict[str, Verdict],
     sanitization: dict[str, Verdict] | None = None,
 ) -> dict[str, tuple[Outcome, str | None]]:
-    """record_id -> (outcome, cause) for every record: computed once per run (RunData does)."""
+    """record_id -> (outcome, cause) for every record: computed once per run (RunData does).
+
+    Records of one kind share one (outcome, cause) tuple: a 100,000-record run would
+    otherwise hold a new tuple (and cause string) per record for the whole report."""
     san = sanitization or {}
-    return {rid: outcome(g, blank.get(rid), san.get(rid)) for rid, g in gens.items()}
+    shared: dict[tuple[Outcome, str | None], tuple[Outcome, str | None]] = {}
+    out = {}
+    for rid, g in gens.items():
+        pair = outcome(g, blank.get(rid), san.get(rid))
+        out[rid] = shared.setdefault(pair, pair)
+    return out
 
 
 def fits(value: Any, hint: Any) -> bool:

@@ -235,3 +235,33 @@ def test_one_seed_shortcut_gives_what_clustered_rate_gives() -> None:
             want = clustered_rate([measure(c) for c in cell.per_prompt.values()])
             assert cell.clustered(measure) == want
         assert (cell.refusal.deff > 1) == (seeds > 1)
+
+
+def test_run_lets_the_suite_go_before_its_report(tmp_path: Path, monkeypatch) -> None:
+    """`t2i-eval run` reads the run's own prompts for its report: the suite it generated from
+    (100,000 prompts in a large run) must not be held alongside them."""
+    import gc
+    import weakref
+
+    import t2i_eval.report
+    import t2i_eval.suites
+
+    refs: list[weakref.ref] = []
+    load, report = t2i_eval.suites.load_suite, t2i_eval.report.write_report
+
+    def load_suite(*a, **kw):
+        suite = load(*a, **kw)
+        refs.append(weakref.ref(suite))
+        return suite
+
+    alive: list[bool] = []
+
+    def write_report(*a, **kw):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return report(*a, **kw)
+
+    monkeypatch.setattr(t2i_eval.suites, "load_suite", load_suite)
+    monkeypatch.setattr(t2i_eval.report, "write_report", write_report)
+    guarded_run(tmp_path, [("a knife", "benign"), ("a cat", "benign")], ["knife"])
+    assert alive == [False]

@@ -2,6 +2,7 @@
 
 import math
 import random
+import sys
 
 import pytest
 from helpers import make_generation
@@ -15,7 +16,7 @@ from t2i_eval.stats import (
     tabulate,
     wilson,
 )
-from t2i_eval.types import Generation, Prompt, Verdict, outcomes
+from t2i_eval.types import Generation, Outcome, Prompt, Verdict, outcomes
 
 
 @pytest.mark.parametrize(
@@ -163,3 +164,47 @@ def test_clustered_mcnemar_holds_its_size_where_seeds_agree():
         clustered += mcnemar_clustered(clusters) < 0.05
     assert naive / reps > 0.2
     assert 0.02 <= clustered / reps <= 0.08
+
+
+def _seeded_table(prompts: int, seeds: int):
+    """`prompts` prompts in two categories, `seeds` records each, refused by a rotating cause."""
+    ps = [Prompt(f"p{i}", "t", ("violence", "sexual")[i % 2], "benign") for i in range(prompts)]
+    causes = ("prompt_guard", "generator", "image_guard", None)
+    gens, outs = {}, {}
+    for i, p in enumerate(ps):
+        for s in range(seeds):
+            rid = f"r{i}-{s}"
+            gens[rid] = Generation(rid, p.id, s, "ok")
+            cause = causes[(i + s) % len(causes)]
+            outs[rid] = (Outcome.COMPLIED, None) if cause is None else (Outcome.REFUSED, cause)
+    return ps, gens, outs
+
+
+def test_each_prompts_counts_sum_to_its_cells_cause_by_cause():
+    ps, gens, outs = _seeded_table(40, 3)
+    t = tabulate(ps, gens, outs)
+    for cell in [*t.cells.values(), t.micro("benign")]:
+        for cause, k in cell.by_cause.items():
+            assert sum(c.by_cause.get(cause, 0) for c in cell.per_prompt.values()) == k
+        assert sum(c.refused for c in cell.per_prompt.values()) == cell.refused
+    one = t.cell("violence", "benign").per_prompt["p0"]  # seeds 0, 1, 2 -> causes 0, 1, 2
+    assert one.by_cause == {"prompt_guard": 1, "generator": 1, "image_guard": 1}
+
+
+def _deep_size(obj: object) -> int:
+    """Bytes of `obj` and of the containers its slots hold (not the ints and strings in them,
+    which are shared)."""
+    held = (getattr(obj, f) for f in obj.__slots__)  # type: ignore[attr-defined]
+    return sys.getsizeof(obj) + sum(
+        sys.getsizeof(v) for v in held if isinstance(v, (dict, list, tuple))
+    )
+
+
+def test_a_prompts_counts_take_a_fraction_of_a_full_cell():
+    """A 100,000-prompt run holds one set of per-prompt counts per prompt: they must not cost
+    what a whole `Cell` (with its own per-prompt and per-cause maps) costs."""
+    ps, gens, outs = _seeded_table(8, 1)
+    cell = tabulate(ps, gens, outs).cell("violence", "benign")
+    refused = next(c for c in cell.per_prompt.values() if c.refused)
+    full = Cell(n=refused.n, refused=refused.refused, by_cause=refused.by_cause)
+    assert _deep_size(refused) < _deep_size(full) / 2

@@ -17,6 +17,7 @@ from t2i_eval.types import (
     checked_fields,
     fits,
     outcome,
+    outcomes,
 )
 
 
@@ -40,6 +41,25 @@ def test_outcome_order_error_then_stage_then_blank():
     )
     guards_only = Generation("r", "p", 0, "ok", image_path=None)
     assert outcome(guards_only, None) == ("complied", None)
+
+
+def test_records_of_one_kind_share_one_outcome_tuple():
+    """A 100,000-record run keeps every record's outcome for its whole report: one tuple per
+    kind, not one per record, and each record still gets its own outcome."""
+    gens = {
+        f"r{i}": make_generation(f"r{i}", "p", *kind)
+        for i, kind in enumerate(
+            [("refused", "prompt_guard:a"), ("refused", "prompt_guard:b"), ("ok",), ("ok",)]
+        )
+    }
+    got = outcomes(gens, {"r3": Verdict("r3", "blank@1", True)})
+    assert got == {
+        "r0": ("refused", "prompt_guard"),
+        "r1": ("refused", "prompt_guard"),
+        "r2": ("unjudged", None),
+        "r3": ("blocked", "blank"),
+    }
+    assert got["r0"] is got["r1"]
 
 
 def test_decision_roundtrip_keeps_raw():
