@@ -14,6 +14,7 @@ interval whenever each prompt has one judged record.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -191,14 +192,17 @@ class PromptCounts:
 
     def add(self, other: PromptCounts) -> None:
         """Add `other`'s counts (the same prompt's records from another cell) to these."""
-        self.n += other.n
-        self.refused += other.refused
-        self.errors += other.errors
-        self.unjudged += other.unjudged
-        self.safe_k += other.safe_k
-        self.safe_n += other.safe_n
-        self.safe_unknown += other.safe_unknown
+        _add_counts(self, other)
         self.causes += other.causes
+
+
+#: The integer counts a `Cell` and a `PromptCounts` both keep (and add when cells merge).
+_COUNTS = tuple(f.name for f in dataclasses.fields(PromptCounts) if f.type in ("int", int))
+
+
+def _add_counts(into: Any, other: Any) -> None:
+    for name in _COUNTS:
+        setattr(into, name, getattr(into, name) + getattr(other, name))
 
 
 @dataclass(slots=True)
@@ -289,13 +293,7 @@ class Cell:
         self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
 
     def _add_counts(self, other: Cell) -> None:
-        self.n += other.n
-        self.refused += other.refused
-        self.errors += other.errors
-        self.unjudged += other.unjudged
-        self.safe_k += other.safe_k
-        self.safe_n += other.safe_n
-        self.safe_unknown += other.safe_unknown
+        _add_counts(self, other)
         for c, v in other.by_cause.items():
             self.by_cause[c] = self.by_cause.get(c, 0) + v
 
