@@ -538,23 +538,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .make_suite import command as make_suite_command
     from .probe import command as probe_command
 
-    p = sub.add_parser(
-        "train-guard",
-        help="train a prompt guard (a probe on a frozen encoder) and judge it on unseen sources",
-        description=probe_command.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    probe_command.add_arguments(p)
-    p.set_defaults(func=probe_command.main)
-
-    p = sub.add_parser(
-        "make-suite",
-        help="build an over-refusal suite for your own content policy",
-        description=make_suite_command.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    make_suite_command.add_arguments(p)
-    p.set_defaults(func=make_suite_command.main)
+    # commands with many options keep them beside their code (`add_arguments`, `main`)
+    for name, summary, command in (
+        (
+            "train-guard",
+            "train a prompt guard (a probe on a frozen encoder) and judge it on unseen sources",
+            probe_command,
+        ),
+        ("make-suite", "build an over-refusal suite for your own content policy", make_suite_command),
+    ):
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=command.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(p)
+        p.set_defaults(func=command.main)
 
     p = sub.add_parser("list", help="built-in suites, systems, components and judges")
     p.set_defaults(func=cmd_list)

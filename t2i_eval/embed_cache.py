@@ -527,7 +527,19 @@ def model_backend(model: Any) -> str:
 _NEUTRAL = frozenset({"show_progress_bar", "convert_to_numpy"})
 
 
-class CachedEncoder:
+class ModelProxy:
+    """Any attribute it does not have itself is its wrapped `model`'s, so a wrapper around a
+    SentenceTransformer is a drop-in for it (a missing `model`, as while unpickling, is an
+    AttributeError, never a recursion)."""
+
+    def __getattr__(self, name: str) -> Any:
+        model = self.__dict__.get("model")
+        if model is None:
+            raise AttributeError(name)
+        return getattr(model, name)
+
+
+class CachedEncoder(ModelProxy):
     """A sentence encoder whose `.encode` serves cached vectors and computes only the misses.
 
     Drop-in for a SentenceTransformer: any other attribute is the wrapped model's. A cached
@@ -557,12 +569,6 @@ class CachedEncoder:
 
     def __repr__(self) -> str:
         return f"CachedEncoder({self.name!r}, {self.model!r})"
-
-    def __getattr__(self, name: str) -> Any:
-        model = self.__dict__.get("model")
-        if model is None:
-            raise AttributeError(name)
-        return getattr(model, name)
 
     def encode(
         self,

@@ -43,7 +43,7 @@ def _card(path: Path) -> dict:
 # Policies
 
 
-@pytest.mark.parametrize("name", ["overt-like.yaml", "example-medical-art.yaml"])
+@pytest.mark.parametrize("name", ["nine-categories.yaml", "example-medical-art.yaml"])
 def test_shipped_policies_load(name: str) -> None:
     from t2i_eval.make_suite.templates import TemplateSource
     from t2i_eval.types import CATEGORIES
@@ -51,7 +51,7 @@ def test_shipped_policies_load(name: str) -> None:
     policy = load_policy(data_dir("prompts") / "policies" / name)
     assert policy.categories and len(policy.digest) == 16
     TemplateSource().check([c.name for c in policy.categories])  # every category has templates
-    if name == "overt-like.yaml":
+    if name == "nine-categories.yaml":
         assert tuple(c.name for c in policy.categories) == CATEGORIES
 
 

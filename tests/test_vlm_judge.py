@@ -50,7 +50,7 @@ def api(monkeypatch):
 
 def _spec(api: FakeImageAPI, **extra: Any) -> dict[str, Any]:
     """The shipped OVERT spec with its three voters served by the loopback server."""
-    spec = load_spec("vlm-overt") if not extra.pop("generic", False) else load_spec("vlm")
+    spec = load_spec("vlm-three-voters") if not extra.pop("generic", False) else load_spec("vlm")
     spec["voters"] = [
         {"name": n, "base_url": f"{api.url}/v1", "model": f"{n}-model", "api_key_env": KEY_ENV}
         for n in VOTERS
@@ -156,7 +156,7 @@ def test_spec_values_are_checked_and_keys_read_before_any_image(api, monkeypatch
 
 
 def test_shipped_specs_name_overts_three_voters_and_their_key_variables():
-    spec = load_spec("vlm-overt")
+    spec = load_spec("vlm-three-voters")
     assert [(v["model"], v["api_key_env"]) for v in spec["voters"]] == [
         ("gpt-4o", "OPENAI_API_KEY"),
         ("gemini-2.0-flash", "GEMINI_API_KEY"),
@@ -188,7 +188,7 @@ def test_the_judge_pass_records_votes_and_never_the_key(api, tmp_path, capsys):
     spec = tmp_path / "vlm-local.yaml"
     spec.write_text(json.dumps({k: v for k, v in _spec(api).items() if not k.startswith("_")}))
     key, n = judge_run(out, str(spec), progress=False)
-    assert (key, n) == ("vlm-overt@1", 6)
+    assert (key, n) == ("vlm-three-voters@1", 6)
     verdicts = store.read_verdicts(key)
     assert {v.flagged for v in verdicts.values()} == {False}
     assert store.read_manifest()["judges"][key]["role"] == "harm"

@@ -13,7 +13,7 @@ every model answer in SUITE.jsonl.work/: rerunning the same command resumes and 
 twice. Exit 0 built, 1 an outage (a model or system that did not answer; rerun), 2 bad input.
 
 Examples:
-  t2i-eval make-suite --policy prompts/policies/overt-like.yaml --out my.jsonl
+  t2i-eval make-suite --policy prompts/policies/nine-categories.yaml --out my.jsonl
   t2i-eval make-suite --policy mine.yaml --generator llm:Qwen/Qwen2.5-1.5B-Instruct --out my.jsonl
   t2i-eval make-suite --policy mine.yaml --generator llm:gpt-4o-mini \\
       --base-url https://api.openai.com/v1 --api-key-env OPENAI_API_KEY --out my.jsonl

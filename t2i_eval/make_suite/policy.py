@@ -87,7 +87,7 @@ def load_policy(path: str | Path) -> Policy:
     if not isinstance(data, dict):
         raise UserError(
             f"{where}: expected a mapping with keys {', '.join(POLICY_KEYS)}, found "
-            f"{type(data).__name__}; see prompts/policies/overt-like.yaml"
+            f"{type(data).__name__}; see prompts/policies/nine-categories.yaml"
         )
     _unknown(data, POLICY_KEYS, where)
     version = data.get("version")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..embed_cache import ModelProxy
 from ..errors import MissingExtra, UserError, did_you_mean
 from ..paths import cache_root
 from ..store import atomic_write_bytes
@@ -223,7 +224,7 @@ def _input_names(session: Any) -> list[str]:
     return [i.name for i in session.get_inputs()]
 
 
-class OnnxSentenceEncoder:
+class OnnxSentenceEncoder(ModelProxy):
     """A sentence-transformers model's ONNX export behind the same `.encode` (numpy out).
 
     Batches are formed as sentence-transformers forms them (longest texts first, so padding is
@@ -241,12 +242,6 @@ class OnnxSentenceEncoder:
 
     def __repr__(self) -> str:
         return f"OnnxSentenceEncoder({self.backend!r}, {self.model!r})"  # stable: no paths
-
-    def __getattr__(self, name: str) -> Any:
-        model = self.__dict__.get("model")
-        if model is None:
-            raise AttributeError(name)
-        return getattr(model, name)
 
     def encode(
         self,
