@@ -8,11 +8,18 @@ its MatMul weights quantised to int8 per output channel (ONNX Runtime's dynamic 
 activations are quantised on the fly). Tokenization stays with the model's own tokenizer
 (`SentenceTransformer.preprocess`), so truncation and special tokens are unchanged.
 
+Each batch runs in short runs of texts of similar token counts (`runs`, `ROWS_PER_RUN`), so
+little of the time goes on padding.
+
 Why not the default: measured on this project's CPU machine (docs/text_encoders.md, made by
-bench/text_encoder_speed.py), fp32 ONNX is about as fast as torch on one thread (same
-decisions on OVERT-mini) and int8 is ~1.7x faster but moves the concept guard's max_cos by up to
-~0.06, which flips 32 of 1,799 OVERT-mini decisions; the default stays `torch` until a backend
-is both >= 3x faster and decision-identical (the bar of the issue that added these backends).
+bench/text_encoder_speed.py), fp32 ONNX is ~1.8x torch's speed on one thread (same decisions on
+OVERT-mini) and int8 ~2.7x, but int8 moves the concept guard's max_cos by up to ~0.06, which
+flips ~30 of 1,799 OVERT-mini decisions; the default stays `torch` until a backend is both >= 3x
+faster and decision-identical (the bar of the issue that added these backends). The bench also
+measures why fp32 cannot get there on that CPU: the encoder's matrix products alone, unpadded, at
+the best one-thread speed measured, come to ~2.3-2.6x torch. ONNX Runtime's transformer fusions
+(onnxruntime.transformers.optimizer: Attention, SkipLayerNormalization, BiasGelu, exact Gelu) were
+tried and measured 0.93-1.00x this graph's speed, so the export stays unfused.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +60,12 @@ _CHECK_TEXTS = (
     "war",
 )
 _FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx"}
+#: Texts per ONNX Runtime call. A batch is padded to its longest text, so on OVERT-mini's short
+#: prompts (10-49 tokens) a whole batch of 64 spends ~39% of its tokens on padding; runs of 8
+#: texts of similar token counts cut that to ~6% while a run is still big enough for efficient
+#: matrix products: measured 1.9x torch's prompts/s vs 1.1x in runs of 64 (4: 1.85x, 16: 1.8x;
+#: docs/text_encoders.md). Vectors move by float32 summation noise only.
+ROWS_PER_RUN = 8
 
 
 def check_backend(backend: object, where: str) -> str:
@@ -224,11 +237,35 @@ def _input_names(session: Any) -> list[str]:
     return [i.name for i in session.get_inputs()]
 
 
+def runs(
+    features: dict[str, np.ndarray], size: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """The tokenized batch `features` ((texts, tokens) arrays with an `attention_mask`) as runs
+    of at most `size` texts, fewest tokens last, each cut to the token columns its own texts
+    use: (row positions in the batch, inputs of that run).
+
+    The cut keeps the span from the first to the last column some text of the run attends to,
+    which drops padding on either side and nothing else, so a run holds exactly what tokenizing
+    its texts alone gives; without an `attention_mask` the runs keep every column."""
+    import numpy as np
+
+    mask = features.get("attention_mask")
+    n = len(next(iter(features.values()))) if features else 0
+    lengths = mask.sum(axis=1) if mask is not None else np.zeros(n)
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, n, max(1, size)):
+        pos = order[start : start + max(1, size)]
+        used = np.flatnonzero(mask[pos].any(axis=0)) if mask is not None else np.zeros(0, int)
+        keep = slice(used[0], used[-1] + 1) if used.size else slice(None)
+        yield pos, {k: v[pos][:, keep] for k, v in features.items()}
+
+
 class OnnxSentenceEncoder(ModelProxy):
     """A sentence-transformers model's ONNX export behind the same `.encode` (numpy out).
 
-    Batches are formed as sentence-transformers forms them (longest texts first, so padding is
-    small) and come back in input order. Any attribute other than `encode` is the torch model's
+    Texts are tokenized in batches of `batch_size` formed as sentence-transformers forms them
+    (longest texts first) and each batch runs in groups of similar token counts (`runs`), so
+    little time goes on padding; vectors come back in input order. Any attribute other than `encode` is the torch model's
     (`tokenizer`, `get_sentence_embedding_dimension`, `state_dict` for the weights digest);
     `backend` says which export runs, so the embedding cache keeps its vectors apart.
     """
@@ -270,16 +307,22 @@ class OnnxSentenceEncoder(ModelProxy):
         items = [texts] if single else list(texts)
         order = np.argsort([-len(t) for t in items], kind="stable")
         rows: list[np.ndarray] = []
+        done: list[np.ndarray] = []
         starts = range(0, len(items), batch_size)
         for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
-            feats = _features(self.model, [items[i] for i in order[start : start + batch_size]])
-            rows.append(self.session.run(None, {k: feats[k].numpy() for k in self.inputs})[0])
+            chunk = order[start : start + batch_size]
+            feats = _features(self.model, [items[i] for i in chunk])
+            for pos, inputs in runs(
+                {k: feats[k].numpy() for k in self.inputs}, min(batch_size, ROWS_PER_RUN)
+            ):
+                rows.append(self.session.run(None, inputs)[0])
+                done.append(chunk[pos])
         dim = self.dimension()
         out = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
         if normalize_embeddings:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         back = np.empty_like(out)
-        back[order] = out
+        back[np.concatenate(done) if done else order] = out
         return back[0] if single else back
 
     def dimension(self) -> int:
