@@ -63,38 +63,53 @@ def guard_scores(
     whether another category alone would refuse it, so a sweep can move one category's threshold
     in its own units.
     """
-    by_id = {p.id: p for p in prompts}
-    out: dict[str, dict[str, GuardScore]] = defaultdict(dict)
-    for g in sorted(gens.values(), key=lambda g: (g.prompt_id, g.seed)):
-        p = by_id.get(g.prompt_id)
-        if p is None:
-            continue
-        for d in g.decisions:
-            if (
-                d.stage != stage
-                or d.score is None
-                or d.threshold is None
-                or d.refused is None
-                or p.id in out[d.name]
-            ):
-                continue
+    out: dict[str, list[GuardScore]] = {}
+    for name, rows in stored_decisions(prompts, gens, stage).items():
+        scores = out[name] = []
+        for pid in sorted(rows):
+            _, p, d = rows[pid]
             own = own_t = other = None
             cos, thr = d.raw.get("max_cos"), d.raw.get("thresholds")
             if isinstance(cos, dict) and isinstance(thr, dict) and p.category in cos:
                 own, own_t = float(cos[p.category]), float(thr[p.category])
                 other = any(cos[c] > thr[c] for c in cos if c != p.category and c in thr)
-            out[d.name][p.id] = GuardScore(
-                p.id,
-                p.category,
-                p.label,
-                float(d.score),
-                float(d.threshold),
-                bool(d.refused),
-                own,
-                own_t,
-                other,
+            scores.append(
+                GuardScore(
+                    p.id,
+                    p.category,
+                    p.label,
+                    float(d.score),  # type: ignore[arg-type] (stored_decisions: not None)
+                    float(d.threshold),  # type: ignore[arg-type]
+                    bool(d.refused),
+                    own,
+                    own_t,
+                    other,
+                )
             )
-    return {name: list(rows.values()) for name, rows in out.items()}
+    return out
+
+
+def stored_decisions(
+    prompts: list[Prompt], gens: Mapping[str, Generation | Record], stage: str = "prompt_guard"
+) -> dict[str, dict[str, tuple[int, Prompt, Any]]]:
+    """Guard name -> prompt id -> (seed, prompt, decision): of each prompt's records, the
+    lowest seed's decision that has a score, a threshold and a verdict (`guard_scores`' one
+    decision per prompt), found in one pass without sorting the records: a 100,000-record
+    report reads each decision once."""
+    by_id = {p.id: p for p in prompts}
+    out: dict[str, dict[str, tuple[int, Prompt, Any]]] = defaultdict(dict)
+    for g in gens.values():
+        p = by_id.get(g.prompt_id)
+        if p is None:
+            continue
+        for d in g.decisions:
+            if d.stage != stage or d.score is None or d.threshold is None or d.refused is None:
+                continue
+            rows = out[d.name]
+            prev = rows.get(p.id)
+            if prev is None or g.seed < prev[0]:
+                rows[p.id] = (g.seed, p, d)
+    return out
 
 
 def auroc(negatives: list[float], positives: list[float]) -> float:
@@ -248,15 +263,24 @@ def guard_metrics(
     """Per prompt guard, per category and 'all': how well its raw score separates unsafe from
     benign (AUROC, FPR at 95% TPR) and what it refused at the run's threshold."""
     out: dict[str, dict[str, Any]] = {}
-    for guard, rows in guard_scores(prompts, gens).items():
-        groups: dict[str, list[GuardScore]] = defaultdict(list)
-        for r in rows:
-            groups[r.category].append(r)
-        order = category_order(groups)
+    for guard, rows in stored_decisions(prompts, gens).items():
+        # category -> (benign scores, unsafe scores, benign refused, unsafe refused)
+        groups: dict[str, tuple[list[float], list[float], list[int]]] = {}
+        for _, p, d in rows.values():
+            group = groups.get(p.category)
+            if group is None:
+                group = groups[p.category] = ([], [], [0, 0])
+            unsafe = p.label == "unsafe"
+            group[unsafe].append(float(d.score))
+            group[2][unsafe] += bool(d.refused)
         per: dict[str, Any] = {}
-        for cat, rs in [*((c, groups[c]) for c in order), ("all", rows)]:
-            neg = [r.score for r in rs if r.label == "benign"]
-            pos = [r.score for r in rs if r.label == "unsafe"]
+        order = category_order(groups)
+        everything = (
+            [x for c in order for x in groups[c][0]],
+            [x for c in order for x in groups[c][1]],
+            [sum(groups[c][2][i] for c in order) for i in (0, 1)],
+        )
+        for cat, (neg, pos, refused) in [*((c, groups[c]) for c in order), ("all", everything)]:
             fpr, cut = fpr_at_tpr(neg, pos)
             a = auroc(neg, pos)
             a_lo, a_hi = auroc_ci(a, len(neg), len(pos))
@@ -270,8 +294,8 @@ def guard_metrics(
                 "fpr_at_95_tpr": json_num(fpr),
                 "fpr_at_95_tpr_ci": [json_num(f_lo), json_num(f_hi)],
                 "cut_at_95_tpr_score_ge": json_num(cut),
-                "benign_refused": sum(r.refused for r in rs if r.label == "benign"),
-                "unsafe_refused": sum(r.refused for r in rs if r.label == "unsafe"),
+                "benign_refused": refused[0],
+                "unsafe_refused": refused[1],
             }
         out[guard] = per
     return out

@@ -330,7 +330,7 @@ def content_id(*parts: str, length: int = 12) -> str:
     return digest[:length]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a 100,000-prompt suite is 100,000 of these
 class Prompt:
     """One prompt of a suite."""
 

@@ -265,3 +265,151 @@ def test_run_lets_the_suite_go_before_its_report(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(t2i_eval.report, "write_report", write_report)
     guarded_run(tmp_path, [("a knife", "benign"), ("a cat", "benign")], ["knife"])
     assert alive == [False]
+
+
+# The compact reader: lines decoded and checked in C, equal decisions shared ------------------
+
+
+def _old_compact(path: Path) -> dict[str, Record]:
+    """What reading compact records gave before `CompactReader`: json, then `Record.parse`."""
+    from t2i_eval.store import _parse_records, latest
+
+    return latest(_parse_records(path, Record.parse))
+
+
+def _lines_run(tmp_path: Path, lines: list[bytes]) -> RunStore:
+    store = RunStore(tmp_path / "run")
+    path = store.generations_path(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(lines))
+    return store
+
+
+def _line(rid: str, **changes: object) -> bytes:
+    d = _gen(rid).to_dict()
+    d.update(changes)
+    return (json.dumps(d) + "\n").encode()
+
+
+def test_compact_reader_reads_what_the_json_reader_reads(tmp_path: Path) -> None:
+    """Lines the C decoder refuses but the record rules accept (NaN, a number too big for a
+    float, a seed too big for 64 bits), a blank line and a torn last line read exactly as the
+    json reader reads them; an int score reads as the same number."""
+    nan_raw = _gen("r3").to_dict()
+    nan_raw["decisions"][0]["raw"] = {"x": float("nan")}
+    lines = [
+        _line("r0"),
+        _line("r1", seconds=1e400),  # json reads inf: out of msgspec's range
+        b"\n",
+        (json.dumps(nan_raw) + "\n").encode(),  # NaN: not JSON to msgspec
+        _line("r4", seed=2**70),
+        _line("r5", decisions=[{**_gen("r5").to_dict()["decisions"][0], "score": 1}]),
+        _line("r6")[:-40],  # torn: no newline
+    ]
+    store = _lines_run(tmp_path, lines)
+    new = store.read_records()
+    old = _old_compact(store.generations_path(0))
+    assert list(new) == list(old) == ["r0", "r1", "r3", "r4", "r5"]
+    for rid in new:
+        assert repr(new[rid]) == repr(old[rid]).replace("score=1,", "score=1.0,"), rid
+    assert new["r1"].seconds == float("inf") and new["r4"].seed == 2**70
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ({"status": "fine"}, "field 'status'"),
+        ({"seed": "zero"}, "field 'seed'"),
+        ({"surprise": 1}, "unknown field(s) surprise"),
+        ({"decisions": [{"stage": "prompt_guard", "name": "g", "refused": "yes"}]}, "decisions[0]"),
+    ],
+)
+def test_compact_reader_refuses_bad_lines_as_the_json_reader_does(tmp_path, bad, says):
+    store = _lines_run(tmp_path, [_line("r0"), _line("r1", **bad)])
+    with pytest.raises(UserError) as new:
+        store.read_records()
+    with pytest.raises(UserError) as old:
+        _old_compact(store.generations_path(0))
+    assert str(new.value) == str(old.value)
+    assert "line 2" in str(new.value) and says in str(new.value)
+
+
+def test_equal_decisions_are_one_tuple_and_raw_ones_are_never_shared(tmp_path: Path) -> None:
+    checker = StageDecision("image_guard", "safety_checker", False, 0.1, 0.0,
+                            {"concept_cos": [0.1], "concept_thresholds": [0.2]}, "", 0.5)
+    gens = [_gen(f"r{i}") for i in range(6)]
+    gens.append(replace(_gen("r6"), decisions=(*_gen("r6").decisions, checker)))
+    gens.append(replace(_gen("r7"), decisions=(*_gen("r7").decisions, checker)))
+    recs = _store(tmp_path, gens).read_records()
+    first = recs["r0"].decisions
+    assert all(recs[f"r{i}"].decisions is first for i in range(6))  # one sequence
+    assert recs["r6"].decisions[0] is first[0]  # equal decision, shared inside another sequence
+    assert recs["r6"].decisions[2] is not recs["r7"].decisions[2]  # raw kept: its own
+    assert recs["r6"].decisions[2].raw == {"concept_cos": [0.1], "concept_thresholds": [0.2]}
+
+
+def test_the_shared_decision_table_is_bounded(monkeypatch, tmp_path: Path) -> None:
+    """A guard with a new score for every prompt: the table starts again every LIMIT entries,
+    and the records read are the same."""
+    from t2i_eval.store import CompactReader
+
+    monkeypatch.setattr(CompactReader, "LIMIT", 5)
+    gens = [
+        replace(_gen(f"r{i}"), decisions=(StageDecision("prompt_guard", "g", False, i / 100, 0.5),))
+        for i in range(23)
+    ]
+    store = _store(tmp_path, gens)
+    reader = CompactReader()
+    got = list(reader.read(store.generations_path(0)))
+    assert len(reader._decisions) <= 5
+    assert {r.record_id: r for r in got} == _old_compact(store.generations_path(0))
+
+
+def test_the_line_decoder_follows_the_record_types() -> None:
+    """The decoder's structs are made from types.py, so a field added there is read here."""
+    import dataclasses
+    import typing
+
+    import msgspec
+
+    from t2i_eval.store import line_decoder
+
+    record = line_decoder().type
+    decisions = {f.name: f.type for f in msgspec.structs.fields(record)}["decisions"]
+    for struct, cls in ((record, Generation), (typing.get_args(decisions)[0], StageDecision)):
+        mine = {f.name: f.default for f in msgspec.structs.fields(struct)}
+        theirs = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert list(mine) == list(theirs)
+        for name, default in theirs.items():
+            if default is not dataclasses.MISSING:
+                assert mine[name] == default, name
+
+
+@pytest.mark.parametrize("cls", [Prompt, "Verdict"])
+def test_prompts_and_verdicts_read_as_the_json_reader_reads_them(tmp_path: Path, cls) -> None:
+    from t2i_eval.store import _parse_records, read_typed
+    from t2i_eval.types import Verdict
+
+    cls = Verdict if cls == "Verdict" else cls
+    if cls is Prompt:
+        good = [Prompt(f"p{i}", f"text {i}", "violence", "benign", meta={"n": i}).to_dict()
+                for i in range(3)]
+        good[1]["meta"] = {"big": 2**80, "nan": float("nan")}
+        bad = {**good[0], "label": "maybe"}
+    else:
+        good = [Verdict(f"r{i}", "blank@1", i % 2 == 0, 0.5, 0.1, {"x": i}).to_dict()
+                for i in range(3)]
+        good[1]["score"] = 1e400
+        bad = {**good[0], "flagged": "yes"}
+    path = tmp_path / "x.jsonl"
+    lines = [(json.dumps(d) + "\n").encode() for d in good]
+    path.write_bytes(b"".join(lines[:2]) + b"\n" + lines[2][:-5])  # blank line, torn last
+    new = list(read_typed(path, cls))
+    old = list(_parse_records(path, cls.from_dict))
+    assert len(new) == 2 and repr(new) == repr(old)
+    path.write_bytes(lines[0] + (json.dumps(bad) + "\n").encode())
+    with pytest.raises(UserError) as a:
+        list(read_typed(path, cls))
+    with pytest.raises(UserError) as b:
+        list(_parse_records(path, cls.from_dict))
+    assert str(a.value) == str(b.value) and "line 2" in str(a.value)

@@ -152,6 +152,43 @@ def test_guard_metrics_count_each_prompt_once_across_seeds(tmp_path):
     assert (m["n_benign"], m["n_unsafe"]) == (144, 72)
 
 
+def test_guard_metrics_read_the_lowest_scored_seed_of_each_prompt():
+    """`guard_metrics` reads decisions in one pass, without sorting the records: it must count
+    what `guard_scores` lists, each prompt's lowest seed that has a score, in any record order."""
+    from t2i_eval.store import Decision, Record
+    from t2i_eval.sweep import guard_metrics, guard_scores
+    from t2i_eval.types import Prompt
+
+    prompts = [
+        Prompt(f"p{i}", f"text {i}", ("violence", "self_harm")[i % 2], ("benign", "unsafe")[i % 3 == 0])
+        for i in range(12)
+    ]
+
+    def record(i: int, seed: int, score: float | None) -> Record:
+        d = Decision("prompt_guard", "g", score is not None and score > 0.5, score, 0.5, {}, None, None)
+        return Record(f"r{i}-{seed}", f"p{i}", seed, "ok", None, (d,), None, None, 0)
+
+    recs = []
+    for i in range(12):  # seed 2 first in the file; seed 0 unscored for every 4th prompt
+        recs.append(record(i, 2, (i * 7 % 10) / 10))
+        recs.append(record(i, 0, None if i % 4 == 0 else (i * 3 % 10) / 10))
+        recs.append(record(i, 1, (i * 5 % 10) / 10))
+    gens = {r.record_id: r for r in recs}
+    rows = guard_scores(prompts, gens)["g"]
+    assert [r.score for r in rows if r.record_id == "p0"] == [0.0]  # seed 1: seed 0 is unscored
+    assert [r.score for r in rows if r.record_id == "p1"] == [0.3]  # seed 0
+    m = guard_metrics(prompts, gens)["g"]
+    for cat in ("violence", "self_harm", "all"):
+        mine = [r for r in rows if cat in ("all", r.category)]
+        neg = [r.score for r in mine if r.label == "benign"]
+        pos = [r.score for r in mine if r.label == "unsafe"]
+        assert (m[cat]["n_benign"], m[cat]["n_unsafe"]) == (len(neg), len(pos))
+        assert m[cat]["auroc"] == pytest.approx(auroc(neg, pos))
+        assert m[cat]["fpr_at_95_tpr"] == pytest.approx(fpr_at_tpr(neg, pos)[0])
+        assert m[cat]["benign_refused"] == sum(r.refused for r in mine if r.label == "benign")
+        assert m[cat]["unsafe_refused"] == sum(r.refused for r in mine if r.label == "unsafe")
+
+
 # The safety checker: its adjustment re-decided from stored cosines ------------------------------
 
 

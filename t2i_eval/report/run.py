@@ -41,6 +41,7 @@ from ..store import (
     RunData,
     atomic_write_bytes,
     atomic_write_json,
+    gc_paused,
     read_run,
     weight_warnings,
 )
@@ -689,6 +690,7 @@ def by_original(data: RunData) -> RunData:
     return replace(data, prompts=prompts)
 
 
+@gc_paused()  # counting a whole run builds many acyclic objects (store.gc_paused)
 def write_report(
     run_dir: str | Path,
     by: str = "category",
