@@ -13,9 +13,10 @@ carries three prompt guards' decisions as `--system guards` writes them, about 2
 Targets (issue #16): the report at most 3x the raw parse, under 400 MB at 100,000 records.
 
 Then the end of a run against its generation phase: a `blocklist` guards-only run of
-`--run-records` prompts (0 skips it) generates, then judges and writes its report as `t2i-eval
-run` does; the process's peak memory is read after generating and again at the end. Target:
-the end adds nothing to the peak (ratio 1.00).
+`--run-records` prompts (0 skips it) generates, then indexes, judges and writes its report as
+`t2i-eval run` does; the process's peak memory is read when generating is done (before the
+explorer's index is built), after the index, and at the end. Target: the end adds nothing to
+the peak (ratio 1.00).
 """
 
 from __future__ import annotations
@@ -47,17 +48,26 @@ print(time.perf_counter() - t)
 """
 
 #: The child that runs a `blocklist` guards-only run, then its end (judge + report) as
-#: `t2i-eval run` does; prints the peak MB after generating and at the end.
+#: `t2i-eval run` does; prints the peak MB of generating and at the end. Generating ends where
+#: the runner refreshes the explorer's index (`runner.refresh_index`, the first of the run's
+#: closing steps), so the index build counts as the end, not as generation.
 RUN_PHASES = """
 import resource, sys
+import t2i_eval.runner as runner
 from t2i_eval.judging import judge_run
 from t2i_eval.report import write_report
-from t2i_eval.runner import run
 from t2i_eval.systems import parse_system
 from t2i_eval.types import CATEGORIES, Prompt, Suite
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+generated = []
+refresh = runner.refresh_index
+def refresh_after_generating(root):
+    generated.append(peak())
+    refresh(root)
+runner.refresh_index = refresh_after_generating
 
 n, out = int(sys.argv[1]), sys.argv[2]
 words = ("a stage actor pretends to kill", "a quiet harbour at dawn", "a knife on a table")
@@ -65,12 +75,12 @@ suite = Suite("scale", tuple(
     Prompt(f"p{i}", f"{words[i % 3]}, picture {i}", CATEGORIES[i % 9], ("benign", "unsafe")[i % 2])
     for i in range(n)
 ))
-run(suite, parse_system("blocklist"), out=out, progress=False, judges=())
-generated = peak()
+runner.run(suite, parse_system("blocklist"), out=out, progress=False, judges=())
+indexed = peak()
 judge_run(out, progress=False)
 del suite  # as `t2i-eval run` does before its report
 write_report(out)
-print(generated, peak())
+print(generated[0], indexed, peak())
 """
 
 PROMPT_GUARDS = ("blocklist", "profanity", "concept")
@@ -149,11 +159,12 @@ def main() -> None:
             _, _, out = child(
                 [sys.executable, "-c", RUN_PHASES, str(args.run_records), f"{tmp}/phases"]
             )
-            generated, end = map(float, out.split())
+            generated, indexed, end = map(float, out.split())
             print(
                 f"\nrun of {args.run_records:,} prompts (blocklist, guards-only): peak "
-                f"{generated:.0f} MB generating, {end:.0f} MB at the end (judge + report): "
-                f"ratio {end / generated:.2f} (target 1.00)"
+                f"{generated:.0f} MB generating; at the end {indexed:.0f} MB after the index, "
+                f"{end:.0f} MB after judging and the report: ratio {end / generated:.2f} "
+                "(target 1.00)"
             )
 
 

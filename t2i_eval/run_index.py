@@ -154,7 +154,7 @@ def _index_prompts(conn: sqlite3.Connection, store: RunStore) -> None:
         raise UserError(f"{store.root}: no prompts.jsonl")
     rows = (
         (p.id, p.text, p.text.lower(), p.category, p.label, p.parent_id or None)
-        for _, _, p in located_records(store.prompts_path, Prompt.from_dict)
+        for _, _, p in located_records(store.prompts_path, Prompt)
     )
     conn.executemany(
         "INSERT OR REPLACE INTO prompts(id, text, text_lc, category, label, parent) "
@@ -197,7 +197,7 @@ def _index_verdicts(
         files.append(path.relative_to(store.root.resolve()).as_posix())
         rows = (
             (role, v.record_id, len(files) - 1, at, length)
-            for at, length, v in located_records(path, Verdict.from_dict)
+            for at, length, v in located_records(path, Verdict)
         )
         conn.executemany(
             "INSERT OR REPLACE INTO verdicts(role, rid, file, off, len) VALUES (?, ?, ?, ?, ?)",
@@ -225,7 +225,7 @@ def _index_records(
     for path in store.generation_files():
         files.append(path.relative_to(store.root).as_posix())
         fno = len(files) - 1
-        for at, length, gen in located_records(path, Record.parse):  # compact: no texts
+        for at, length, gen in located_records(path, Record):  # compact: no texts
             rid = gen.record_id
             blank = _verdict(conn, lines, "blank", rid)
             san = _verdict(conn, lines, "sanitization", rid)

@@ -300,7 +300,7 @@ def test_a_finished_run_and_judge_leave_a_current_index(tmp_path, monkeypatch):
 def test_located_records_point_at_their_own_lines(tmp_path):
     """The index finds a record again by (offset, length): across chunks, blank lines and a
     last line without its newline, each place holds exactly that record's line."""
-    from t2i_eval.store import CHUNK, located_records
+    from t2i_eval.store import CHUNK, Record, located_records
 
     p = Prompt("p", "t", "violence", "benign")
     store = RunStore(tmp_path)
@@ -311,8 +311,8 @@ def test_located_records_point_at_their_own_lines(tmp_path):
     lines.insert(5, b"\n")
     data = b"".join(lines).rstrip(b"\n")  # the last record kept, its newline lost
     path.write_bytes(data)
-    got = list(located_records(path, Generation.from_dict))
+    got = list(located_records(path, Record))
     assert [g.seed for _, _, g in got] == list(range(CHUNK + 3))
     for at, length, g in got:
         assert data[at : at + length] == data[at : at + length].strip()
-        assert Generation.from_dict(json.loads(data[at : at + length])) == g
+        assert Record.parse(json.loads(data[at : at + length])) == g
