@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict, TypeVar
 
 import msgspec
 
@@ -626,6 +626,30 @@ def _fields_of(cls: type[T]) -> Callable[[Any], T]:
     return lambda line: cls(*astuple(line))
 
 
+class _StatusLine(msgspec.Struct):
+    """The two fields of a record line `RunStore.statuses` reads (the others are skipped)."""
+
+    record_id: str
+    status: Literal["ok", "refused", "error"]
+
+
+@functools.cache
+def _status_decoder() -> msgspec.json.Decoder[_StatusLine]:
+    return msgspec.json.Decoder(_StatusLine)
+
+
+def _status_pair(line: _StatusLine) -> tuple[str, str]:
+    return line.record_id, sys.intern(line.status)
+
+
+def _status_of(d: dict[str, Any]) -> tuple[str, str]:
+    """(record_id, status) of a record decoded by `json`; ValueError unless both are there."""
+    rid, status = d.get("record_id"), d.get("status")
+    if not isinstance(rid, str) or status not in ("ok", "refused", "error"):
+        raise ValueError("a record without a text record_id and a status of ok, refused or error")
+    return rid, status
+
+
 #: The raw of a decision left with none (shared by every such decision: read only).
 _NO_RAW: dict[str, Any] = {}
 
@@ -900,16 +924,12 @@ class RunStore:
 
     def statuses(self) -> dict[str, str]:
         """record_id -> latest status, streamed: a long run's end-of-run count holds one short
-        string per record, not every record with its decisions."""
+        string per record, not every record with its decisions. Only those two fields of each
+        line are decoded (`_status_of`)."""
         out: dict[str, str] = {}
+        decode = _status_decoder().decode
         for path in self.generation_files():
-            for line, d in _numbered_jsonl(path):
-                rid, status = d.get("record_id"), d.get("status")
-                if not isinstance(rid, str) or status not in ("ok", "refused", "error"):
-                    raise UserError(
-                        f"{path} line {line}: a record without a text record_id and a status "
-                        "of ok, refused or error; not a record of this t2i-eval version"
-                    )
+            for _, _, (rid, status) in _located_lines(path, decode, _status_of, _status_pair):
                 if out.get(rid) in (None, "error") or status != "error":
                     out[rid] = status
         return out

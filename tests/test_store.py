@@ -119,6 +119,19 @@ def test_statuses_stream_latest_status(tmp_path):
     assert s.statuses() == {k: g.status for k, g in s.read_generations().items()}
 
 
+def test_statuses_read_only_two_fields_and_refuse_a_line_without_them(tmp_path):
+    """`statuses` decodes only record_id and status; a blank line and a torn last line are
+    read as every reader reads them, and a line without a usable status names its line."""
+    s = RunStore(tmp_path)
+    s.append_generations([_gen("a", "ok"), _gen("b", "refused")])
+    path = s.generations_path()
+    path.write_bytes(path.read_bytes() + b"\n" + b'{"record_id": "c", "sta')
+    assert s.statuses() == {"a": "ok", "b": "refused"}
+    path.write_bytes(path.read_bytes().rsplit(b"\n", 1)[0] + b'\n{"record_id": "c", "status": "fine"}\n')
+    with pytest.raises(UserError, match=r"line 4: .*a status of ok, refused or error"):
+        s.statuses()
+
+
 def test_atomic_write_bytes_takes_chunks(tmp_path: Path) -> None:
     """Chunks are written as they come and the file appears only once all are written: a
     chunk source that fails leaves no file (and no temp file) behind."""
