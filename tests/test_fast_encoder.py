@@ -21,6 +21,7 @@ from t2i_eval.systems.fast_encoder import (  # noqa: E402
     ensure_export,
     export_dir,
     export_onnx,
+    vectors_digest,
 )
 from t2i_eval.systems.text_guards import (  # noqa: E402
     ConceptGuard,
@@ -96,8 +97,10 @@ def test_onnx_vectors_match_torch_and_the_cache_keeps_them_apart(tiny):
     torch_enc = load_sentence_model(tiny)
     onnx_enc = load_sentence_model(tiny, backend="onnx")
     assert (torch_enc.name, onnx_enc.name) == (tiny, f"{tiny}+onnx")
-    # one weights digest (the cache key and the export folder): the backend is in the name
-    assert onnx_enc.digest == torch_enc.digest == weights_digest(torch_enc.model)
+    # one weights digest (the export folder); the cache key adds how the vectors are run
+    # (export version, texts per run: int8 vectors depend on them), and the name the backend
+    assert torch_enc.digest == weights_digest(torch_enc.model)
+    assert onnx_enc.digest == vectors_digest(torch_enc.digest) != torch_enc.digest
     want = torch_enc.encode(TEXTS, normalize_embeddings=True, batch_size=2)
     calls = []
     inner = onnx_enc.model.encode

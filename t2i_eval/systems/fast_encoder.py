@@ -68,6 +68,14 @@ _FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx"}
 ROWS_PER_RUN = 8
 
 
+def vectors_digest(digest: str) -> str:
+    """What the embedding cache keys an ONNX backend's vectors by: the weights `digest`, the
+    export version and `ROWS_PER_RUN`. int8 vectors depend on the texts run together (its
+    activations are quantised per run), so vectors made with another run size are not served
+    as this encoder's."""
+    return f"{digest}-v{EXPORT_VERSION}-r{ROWS_PER_RUN}"
+
+
 def check_backend(backend: object, where: str) -> str:
     """`backend`, or a UserError naming the choices (e.g. for `concept:backend=onx`)."""
     if backend not in BACKENDS:

@@ -15,7 +15,13 @@ from ..embed_cache import cached_encoder, weights_digest
 from ..errors import MissingExtra, UserError
 from ..paths import data_dir, load_yaml
 from ..types import StageDecision
-from .fast_encoder import DEFAULT_BACKEND, check_backend, check_device, load_onnx_encoder
+from .fast_encoder import (
+    DEFAULT_BACKEND,
+    check_backend,
+    check_device,
+    load_onnx_encoder,
+    vectors_digest,
+)
 from .thresholds import (
     FileThresholds,
     check_file_option,
@@ -105,7 +111,8 @@ def _load_sentence_model(model: str, device: str, backend: str) -> Any:
     if backend == "torch":
         return cached_encoder(st, model)  # every sentence-embedding user shares the cache
     digest = weights_digest(st)
-    return cached_encoder(load_onnx_encoder(st, digest, backend, device), model, digest=digest)
+    encoder = load_onnx_encoder(st, digest, backend, device)
+    return cached_encoder(encoder, model, digest=vectors_digest(digest))
 
 
 @lru_cache(maxsize=4)
