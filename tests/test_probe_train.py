@@ -377,7 +377,7 @@ def test_an_encoder_of_another_dimension_is_a_one_line_error(trained, monkeypatc
     class Wider:
         id, digest, weights, dim = "clip-text:tiny", probe.encoder.digest, "random", 64
 
-    monkeypatch.setattr(train_module, "load_encoder", lambda ref: Wider())
+    monkeypatch.setattr(train_module, "load_encoder", lambda ref, backend="torch": Wider())
     with pytest.raises(UserError, match="gives 64-long vectors.*says encoder.dim 32"):
         load_probe(out)
 

@@ -4,6 +4,10 @@ Every encoder goes through the shared embedding cache (`embed_cache`): training,
 the guard at run time and the leave-one-source-out matrix ask for the same prompts many times.
 `clip-text:` is the T2I pipeline's own CLIP text encoder read at the [EOS] token, as SafeGuider
 does: a probe on it sees exactly what the generator sees (the same 77-token truncation).
+
+Sentence-transformers encoders (`minilm`, `st:`) also run on the ONNX backends of the concept guard
+(`backend`: `onnx`, `onnx-int8`; `systems/fast_encoder.py`) at run time; `clip-text:` runs on torch
+only. Training always reads torch vectors, and the card pins the weights, not the backend.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import MissingExtra, UserError, shorten
+from ..systems.fast_encoder import BACKENDS, DEFAULT_BACKEND, check_backend
 
 if TYPE_CHECKING:
     import numpy as np
 
 MINILM = "minilm"
 KINDS = ("minilm", "st:ID_OR_PATH", "clip-text:MODEL_OR_PATH")
+#: Encoder kinds that run on backend torch only: the ONNX export (`fast_encoder`) covers
+#: sentence-transformers module stacks, not CLIP's [EOS] read-out.
+TORCH_ONLY = ("clip-text",)
 #: Rows per forward pass; embeddings are row-independent, so this changes speed only.
 BATCH = 64
 
@@ -43,19 +51,23 @@ class Encoder(Protocol):
 
 class SentenceEncoder:
     """A sentence-transformers model (`minilm` is the bundled all-MiniLM-L6-v2), L2-normalised
-    mean-pooled embeddings, through `text_guards.load_sentence_model` (shared, cached)."""
+    mean-pooled embeddings, through `text_guards.load_sentence_model` (shared, cached) on
+    `backend` (`torch`, `onnx`, `onnx-int8`)."""
 
     weights = "pretrained"
 
-    def __init__(self, ref: str, model: str) -> None:
+    def __init__(self, ref: str, model: str, backend: str = DEFAULT_BACKEND) -> None:
         from ..embed_cache import weights_digest
         from ..systems.text_guards import load_sentence_model
 
         self.id = ref
-        self.model = load_sentence_model(model)
+        self.model = load_sentence_model(model, backend=backend)
         digest = getattr(self.model, "digest", "off")
-        # the cache may be off (digest "off"); the card still needs the real weights' digest
-        self.digest = digest if digest != "off" else weights_digest(self.model.model)
+        # the card pins the weights, whatever runs them: the cached encoder's digest is that
+        # only on torch with the cache on ("off" when it is off; an ONNX backend's is the
+        # vectors digest, `fast_encoder.vectors_digest`), else hash the torch model itself
+        own = backend == "torch" and digest != "off"
+        self.digest = digest if own else weights_digest(_torch_model(self.model))
         dim = getattr(self.model, "get_embedding_dimension", None)  # sentence-transformers >= 6
         dim = dim or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
@@ -69,6 +81,16 @@ class SentenceEncoder:
             list(texts), normalize_embeddings=True, batch_size=BATCH, show_progress_bar=progress
         )
         return np.asarray(out, dtype=np.float32)
+
+
+def _torch_model(encoder: Any) -> Any:
+    """The sentence-transformers model inside its wrappers (the embedding cache's
+    `CachedEncoder`, the ONNX backend's `OnnxSentenceEncoder`: each keeps it as `.model`)."""
+    from ..embed_cache import ModelProxy
+
+    while isinstance(encoder, ModelProxy):
+        encoder = encoder.model
+    return encoder
 
 
 class _ClipEos:
@@ -194,13 +216,29 @@ def _clip_folder(model: str) -> tuple[str, str]:
     return model, "pretrained"
 
 
-def load_encoder(ref: str = MINILM) -> Encoder:
-    """The encoder named by `ref` (see the module docstring); a bad ref is a one-line UserError."""
+def check_encoder_backend(ref: str, backend: object, where: str) -> str:
+    """`backend`, checked (`fast_encoder.check_backend`) and one that encoder `ref` runs on; else a
+    one-line UserError prefixed by `where` (cheap: nothing loads, so a spec check can call it)."""
+    backend = check_backend(backend, where)
+    kind = ref.partition(":")[0]
+    if kind in TORCH_ONLY and backend != "torch":
+        others = ", ".join(b for b in BACKENDS if b != "torch")
+        raise UserError(
+            f"{where}: encoder {shorten(ref)!r} runs on backend torch only, not {backend!r} "
+            f"({others} are for sentence-transformers encoders: minilm, st:...); use backend: torch"
+        )
+    return backend
+
+
+def load_encoder(ref: str = MINILM, backend: str = DEFAULT_BACKEND) -> Encoder:
+    """The encoder named by `ref` (see the module docstring) on `backend`; a bad ref, or a backend
+    the encoder does not run on, is a one-line UserError."""
+    backend = check_encoder_backend(ref, backend, "probe encoder")
     kind, colon, arg = ref.partition(":")
     if ref == MINILM:
-        return SentenceEncoder(ref, MINILM)
+        return SentenceEncoder(ref, MINILM, backend)
     if colon and kind == "st" and arg:
-        return SentenceEncoder(ref, arg)
+        return SentenceEncoder(ref, arg, backend)
     if colon and kind == "clip-text" and arg:
         return ClipTextEncoder(ref, arg)
     raise UserError(

@@ -21,6 +21,7 @@ from .. import __version__
 from ..errors import UserError
 from ..store import atomic_write_bytes, atomic_write_json
 from ..sweep import auroc, auroc_ci, fpr_at_tpr
+from ..systems.fast_encoder import DEFAULT_BACKEND
 from ..types import Prompt, Suite
 from . import heads
 from .card import CARD, CARD_VERSION, HEAD, KIND, read_card, text_key
@@ -84,11 +85,12 @@ class Probe:
         atomic_write_json(out / CARD, self.card)
 
 
-def load_probe(path: str | Path) -> Probe:
-    """The probe saved in folder `path`; a missing, corrupt or inconsistent card (`read_card`
-    checks its entries), a head that disagrees with it, or an encoder whose weights changed
-    since training is a one-line UserError. The head is checked before the encoder loads, so a
-    bad folder fails fast."""
+def load_probe(path: str | Path, backend: str = DEFAULT_BACKEND) -> Probe:
+    """The probe saved in folder `path`, its encoder run on `backend` (`load_encoder`; the card's
+    weights digest is checked whatever the backend); a missing, corrupt or inconsistent card
+    (`read_card` checks its entries), a head that disagrees with it, or an encoder whose weights
+    changed since training is a one-line UserError. The head is checked before the encoder
+    loads, so a bad folder fails fast."""
     folder = Path(path)
     card = read_card(folder)
     spec = card["head"]
@@ -105,7 +107,7 @@ def load_probe(path: str | Path) -> Probe:
             f"probe guard: {head_path} changed since training (sha256 {digest[:12]}, card says "
             f"{str(spec['sha256'])[:12]}); retrain with t2i-eval train-guard"
         )
-    encoder = load_encoder(card["encoder"]["id"])
+    encoder = load_encoder(card["encoder"]["id"], backend)
     if encoder.digest != card["encoder"]["digest"]:
         raise UserError(
             f"probe guard: encoder {card['encoder']['id']} has other weights now (digest "

@@ -2,7 +2,8 @@
 
 `--system probe:DIR`, `probe:DIR>tiny`, or `{name: probe, path: DIR}` in a system spec. The
 folder holds guard.json (the card: encoder, head, training sources, threshold) and
-head.safetensors; see `t2i_eval/probe/`.
+head.safetensors; see `t2i_eval/probe/`. `backend: onnx` (or `onnx-int8`) runs a
+sentence-transformers encoder through ONNX Runtime, as the concept guard's option does.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..probe.encoders import check_encoder_backend
 from ..probe.heads import DIGITS
 from ..types import StageDecision
+from .fast_encoder import DEFAULT_BACKEND, check_backend
 from .thresholds import check_file_option, file_info, read_thresholds, scalar_threshold
 
 
@@ -47,7 +50,14 @@ class ProbeGuard:
     The threshold is the one chosen on the training data (guard.json), unless `threshold` or
     `thresholds: FILE` (a sweep's calibrated one) overrides it. The card's per-category
     thresholds are recorded but not applied: at run time a guard sees the prompt only, not its
-    category (sweep a run per category to use them)."""
+    category (sweep a run per category to use them).
+
+    `backend`: `torch` (default), `onnx` or `onnx-int8` (`text_guards.load_sentence_model`, CPU
+    only), for `minilm` and `st:` encoders; `clip-text:` runs on torch only. The head and its
+    threshold were fitted on torch vectors: fp32 ONNX moves P(unsafe) by float32 rounding only,
+    int8 moves the vectors enough to move scores and flip decisions near the threshold
+    (docs/text_encoders.md measures it for the concept guard). The card's weights digest is
+    checked on every backend; info() records the backend, so the manifest says which scored."""
 
     name = "probe"
     weights = "pretrained"
@@ -59,12 +69,14 @@ class ProbeGuard:
         threshold: float | None = None,
         thresholds: str | None = None,
         batch_size: int = 64,
+        backend: str = DEFAULT_BACKEND,
     ) -> None:
         from ..probe.train import load_probe
 
         self.batch_size = _batch_size(batch_size)  # before the encoder loads
+        self.backend = check_backend(backend, "probe guard")
         self.path = Path(_folder(model, path)).resolve()
-        self.probe = load_probe(self.path)
+        self.probe = load_probe(self.path, self.backend)  # an encoder it cannot run: UserError
         self.card = self.probe.card
         # a random-weight encoder (clip-text:tiny) makes the guard's numbers meaningless
         self.weights = "random" if self.probe.encoder.weights == "random" else "pretrained"
@@ -83,12 +95,15 @@ class ProbeGuard:
     @classmethod
     def check_options(cls, **options: Any) -> None:
         """The folder's card is read when the spec is checked (cheap: JSON only), so a wrong
-        folder is exit 2 before any run directory exists."""
+        folder, or a backend its encoder does not run on, is exit 2 before any run directory
+        exists."""
         from ..probe.card import read_card
 
         folder = _folder(options.get("model"), options.get("path"))
         _batch_size(options.get("batch_size", 64))
-        read_card(folder)
+        card = read_card(folder)
+        backend = options.get("backend", DEFAULT_BACKEND)
+        check_encoder_backend(str(card["encoder"]["id"]), backend, "probe guard")
         check_file_option(cls.name, options)
 
     def info(self) -> dict[str, Any]:
@@ -102,6 +117,7 @@ class ProbeGuard:
             "encoder": card["encoder"]["id"],
             "encoder_digest": card["encoder"]["digest"],
             "encoder_weights": card["encoder"]["weights"],
+            "backend": self.backend,
             "head": card["head"]["kind"],
             # of the file loaded (checked against the card): a report compares it with the
             # folder's card to tell whether the folder was retrained since this run
