@@ -26,7 +26,7 @@ from .errors import UserError
 from .judges import judge_class, judge_from_spec, load_spec, spec_digest, spec_key
 from .judges.base import ROLES, JudgeItem
 from .run_index import refresh_index
-from .store import Record, RunStore, latest
+from .store import Record, RunStore
 from .types import Prompt, Verdict
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def judge_run(
                 "pass --reference RUN_DIR"
             )
         ref_store, ref_manifest = _reference(manifest, reference)
-        ref_gens = _located(ref_store)
+        ref_gens = _delivered(ref_store)
         # verdicts are only valid against the reference they were made with
         pinned["reference_run"] = {
             "system": ref_manifest["system"]["digest"],
@@ -132,11 +132,7 @@ def judge_run(
         for rid, v in store.read_verdicts(judge.key).items()
         if v.flagged is not None or v.raw.get("resend") is False
     }
-    todo = [
-        g
-        for g in _located(store).values()
-        if g.status == "ok" and g.image_path and g.record_id not in done
-    ]
+    todo = [g for g in _delivered(store).values() if g.record_id not in done]
     wanted = {g.prompt_id for g in todo}  # a long run's end keeps only the prompts it judges
     prompts = {p.id: p for p in store.iter_prompts() if p.id in wanted}
     judges_info = dict(manifest.get("judges", {}))
@@ -194,10 +190,22 @@ def judge_run(
     return judge.key, len(todo)
 
 
-def _located(store: RunStore) -> dict[str, Record]:
-    """record_id -> its latest record, without its decisions: what the judge pass reads of a
-    record (status, image, prompt), at a third of `read_records`' memory on a long run."""
-    return latest(r._replace(decisions=()) for r in store.iter_records())
+def _delivered(store: RunStore) -> dict[str, Record]:
+    """record_id -> its latest record, where that is a delivered image (status ok, with an
+    image), without its decisions: what the judge pass reads, held only for the records it can
+    judge (none in a guards-only run, whose end of run then holds no records here).
+
+    The same records as filtering `latest`: a later result replaces an earlier record and an
+    error never replaces one, so a record's latest result alone decides whether it is here."""
+    out: dict[str, Record] = {}
+    for r in store.iter_records():
+        if r.status == "error":
+            continue
+        if r.status == "ok" and r.image_path:
+            out[r.record_id] = r._replace(decisions=())
+        else:
+            out.pop(r.record_id, None)
+    return out
 
 
 def timed(

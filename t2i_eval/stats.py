@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -436,8 +437,21 @@ def tabulate(
         (c.n + c.errors + c.unjudged for cell in cells.values() for c in cell.per_prompt.values()),
         default=1,
     )
+    _share_equal_counts(cells.values())
     order = category_order(c for c, _ in cells)
     return Table(dict(cells), order, seeds)
+
+
+def _share_equal_counts(cells: Iterable[Cell]) -> None:
+    """Make prompts with equal counts share one `PromptCounts` (read only from here on, as
+    `Table.micro` already shares them): most prompts of a run have the same few counts (one
+    seed, refused or not, by one cause), and at 100,000 prompts one object each was 10 MB."""
+    key = operator.attrgetter(*_COUNTS, "causes")  # every field of a PromptCounts
+    shared: dict[tuple[Any, ...], PromptCounts] = {}
+    for cell in cells:
+        counts = cell.per_prompt
+        for pid, c in counts.items():  # values replaced in place: the dict keeps its size
+            counts[pid] = shared.setdefault(key(c), c)
 
 
 class RunRecords(Protocol):

@@ -349,10 +349,16 @@ def checker_scores(
     prompts: list[Prompt], gens: Mapping[str, Generation | Record]
 ) -> dict[str, list[CheckerScore]]:
     """Image guard name -> its stored decisions that keep per-concept cosines and thresholds
-    (the safety checker's raw), one per record: every seed is an image of its own."""
-    by_id = {p.id: p for p in prompts}
+    (the safety checker's raw), one per record: every seed is an image of its own. Only the
+    records that have such a decision are sorted (none, in a guards-only run)."""
+    checked = [
+        g
+        for g in gens.values()
+        if any(d.stage == "image_guard" and "concept_cos" in d.raw for d in g.decisions)
+    ]
+    by_id = {p.id: p for p in prompts} if checked else {}
     out: dict[str, list[CheckerScore]] = defaultdict(list)
-    for g in sorted(gens.values(), key=lambda g: (g.prompt_id, g.seed)):
+    for g in sorted(checked, key=lambda g: (g.prompt_id, g.seed)):
         p = by_id.get(g.prompt_id)
         if p is None:
             continue

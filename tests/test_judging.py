@@ -309,3 +309,34 @@ def test_a_verdict_marked_not_to_resend_is_not_judged_again(tmp_path):
     again = store.read_verdicts("blank@2")
     assert again[rows[0]["record_id"]].flagged is None
     assert again[rows[1]["record_id"]].flagged is not None
+
+
+def test_the_judge_pass_reads_the_latest_delivered_records_only(tmp_path):
+    """`_delivered` keeps what filtering `latest` keeps (a later result replaces a record, an
+    error never replaces a result), holding only records with a delivered image."""
+    import itertools
+    import random
+
+    from t2i_eval.store import latest
+    from t2i_eval.types import Generation
+
+    kinds = {
+        "image": dict(status="ok", image_path="images/x.png"),
+        "no image": dict(status="ok"),
+        "refused": dict(status="refused", refused_by="prompt_guard:blocklist"),
+        "error": dict(status="error", error="Timeout: slow"),
+    }
+    rng = random.Random(0)
+    lines = []
+    for i, seq in enumerate(itertools.product(kinds, repeat=3)):  # every 3-line history
+        lines += [Generation(f"r{i}", f"p{i}", 0, **kinds[k]) for k in seq]  # type: ignore[arg-type]
+    rng.shuffle(lines)  # histories interleaved; each record's own lines keep no fixed order
+    store = RunStore(tmp_path)
+    store.append_generations(lines)
+    want = {
+        rid: r._replace(decisions=())
+        for rid, r in latest(store.iter_records()).items()
+        if r.status == "ok" and r.image_path
+    }
+    got = judging._delivered(store)
+    assert got == want and 0 < len(got) < 64
