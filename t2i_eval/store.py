@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, TypedDict, TypeVar
@@ -215,13 +216,6 @@ def _readable(path: Path) -> Iterator[None]:
         raise UserError(f"{path}: is a folder where a file belongs; the run is damaged") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _parse_records(path: Path, parse: Callable[[dict[str, Any]], T]) -> Iterable[T]:
-    """Typed records from a JSONL file; a record of another layout, or a field of the wrong
-    type, is one clear error naming the line and field (never counted as something else)."""
-    for line, d in _numbered_jsonl(path):
-        yield parse_line(path, line, d, parse)
 
 
 def located_records(path: Path, kind: type) -> Iterator[tuple[int, int, Any]]:
@@ -578,6 +572,18 @@ def _line_struct(cls: type, hints: dict[str, Any]) -> type:
     return msgspec.defstruct(f"{cls.__name__}Line", fields, forbid_unknown_fields=True)
 
 
+def _generation_of(line: Any) -> Generation:
+    """The `Generation` of a line decoded by `line_decoder` (its fields in order, each decision
+    a `StageDecision`)."""
+    fields = list(msgspec.structs.astuple(line))
+    fields[_DECISIONS] = tuple(StageDecision(*msgspec.structs.astuple(x)) for x in line.decisions)
+    return Generation(*fields)
+
+
+#: Where `decisions` sits among `Generation`'s fields (`_generation_of`).
+_DECISIONS = [f.name for f in dataclass_fields(Generation)].index("decisions")
+
+
 def _located_lines(
     path: Path,
     decode: Callable[[bytes], Any],
@@ -588,7 +594,7 @@ def _located_lines(
     JSONL file, decoded and checked in C (`decode`) and made into what the reader keeps
     (`make`). A line the decoder refuses is decoded by `json` and `parse`d instead, so it is
     accepted, dropped (a torn last line) or refused (naming the line and field) exactly as
-    `_parse_records` does it."""
+    the JSON reader (`_numbered_jsonl`, then `parse_line`) does it."""
     at = 0
     for i, line in enumerate(_lines(path), 1):
         length = len(line) - line.endswith(b"\n")
@@ -611,10 +617,10 @@ def _dataclass_decoder(cls: type) -> msgspec.json.Decoder[Any]:
 def read_typed(
     path: Path, cls: type[T], make: Callable[[Any], T] | None = None
 ) -> Iterator[T]:
-    """The `cls` records of a JSONL file (`Prompt`, `Verdict`), read as `_parse_records(path,
-    cls.from_dict)` reads them (the same records and the same errors), about three times
-    faster (`_located_lines`). `make`: the `cls` of a decoded line (default: its fields in
-    order)."""
+    """The `cls` records of a JSONL file (`Prompt`, `Verdict`), read as the JSON reader
+    (`_numbered_jsonl`, then `cls.from_dict`) reads them (the same records and the same
+    errors), about three times faster (`_located_lines`). `make`: the `cls` of a decoded line
+    (default: its fields in order)."""
     decode = _dataclass_decoder(cls).decode
     parse = cls.from_dict  # type: ignore[attr-defined]
     return (v for _, _, v in _located_lines(path, decode, parse, make or _fields_of(cls)))
@@ -901,12 +907,16 @@ class RunStore:
         return any(p.stat().st_size > 0 for p in self.generation_files())
 
     def read_generations(self) -> dict[str, Generation]:
-        """Latest record per record_id over every rank's file (a retried error is superseded)."""
-        return latest(
-            g
-            for path in self.generation_files()
-            for g in _parse_records(path, Generation.from_dict)
-        )
+        """Latest record per record_id over every rank's file (a retried error is superseded),
+        whole (every raw score and message), each line decoded and checked in C as
+        `read_records` reads it (`line_decoder`)."""
+        decode = line_decoder().decode
+        with gc_paused():
+            return latest(
+                g
+                for path in self.generation_files()
+                for _, _, g in _located_lines(path, decode, Generation.from_dict, _generation_of)
+            )
 
     def read_records(self) -> dict[str, Record]:
         """`read_generations` as compact `Record`s: the same records, checked line by line

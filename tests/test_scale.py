@@ -270,11 +270,18 @@ def test_run_lets_the_suite_go_before_its_report(tmp_path: Path, monkeypatch) ->
 # The compact reader: lines decoded and checked in C, equal decisions shared ------------------
 
 
+def _json_reader(path: Path, parse):
+    """The JSON reader every C-decoded read must equal: json line by line, then `parse`."""
+    from t2i_eval.store import _numbered_jsonl, parse_line
+
+    return [parse_line(path, i, d, parse) for i, d in _numbered_jsonl(path)]
+
+
 def _old_compact(path: Path) -> dict[str, Record]:
     """What reading compact records gave before `CompactReader`: json, then `Record.parse`."""
-    from t2i_eval.store import _parse_records, latest
+    from t2i_eval.store import latest
 
-    return latest(_parse_records(path, Record.parse))
+    return latest(_json_reader(path, Record.parse))
 
 
 def _lines_run(tmp_path: Path, lines: list[bytes]) -> RunStore:
@@ -387,7 +394,7 @@ def test_the_line_decoder_follows_the_record_types() -> None:
 
 @pytest.mark.parametrize("cls", [Prompt, "Verdict"])
 def test_prompts_and_verdicts_read_as_the_json_reader_reads_them(tmp_path: Path, cls) -> None:
-    from t2i_eval.store import _parse_records, read_typed
+    from t2i_eval.store import read_typed
     from t2i_eval.types import Verdict
 
     cls = Verdict if cls == "Verdict" else cls
@@ -405,11 +412,31 @@ def test_prompts_and_verdicts_read_as_the_json_reader_reads_them(tmp_path: Path,
     lines = [(json.dumps(d) + "\n").encode() for d in good]
     path.write_bytes(b"".join(lines[:2]) + b"\n" + lines[2][:-5])  # blank line, torn last
     new = list(read_typed(path, cls))
-    old = list(_parse_records(path, cls.from_dict))
+    old = _json_reader(path, cls.from_dict)
     assert len(new) == 2 and repr(new) == repr(old)
     path.write_bytes(lines[0] + (json.dumps(bad) + "\n").encode())
     with pytest.raises(UserError) as a:
         list(read_typed(path, cls))
     with pytest.raises(UserError) as b:
-        list(_parse_records(path, cls.from_dict))
+        _json_reader(path, cls.from_dict)
     assert str(a.value) == str(b.value) and "line 2" in str(a.value)
+
+
+def test_whole_records_read_as_the_json_reader_reads_them(tmp_path: Path) -> None:
+    """`read_generations` (sweep, single-record views) decodes in C too: the same records,
+    NaN and 1e400 lines through the json reader, and the same error for a bad line."""
+    from t2i_eval.store import latest
+
+    nan_raw = _gen("r3").to_dict()
+    nan_raw["decisions"][1]["raw"] = {"max_cos": {"violence": float("nan")}}
+    lines = [_line("r0"), _line("r1", seconds=1e400), (json.dumps(nan_raw) + "\n").encode()]
+    lines += [_line("r0", status="error"), _line("r4", status="refused")]
+    store = _lines_run(tmp_path, lines)
+    new = store.read_generations()
+    old = latest(_json_reader(store.generations_path(0), Generation.from_dict))
+    assert list(new) == list(old) == ["r0", "r1", "r3", "r4"]
+    assert repr(new) == repr(old) and new["r0"].status == "ok"
+    assert new["r0"].decisions[1].raw == CONCEPT_RAW  # whole: every raw score
+    store = _lines_run(tmp_path / "bad", [_line("r0"), _line("r1", seed="zero")])
+    with pytest.raises(UserError, match=r"line 2: .*field 'seed'"):
+        store.read_generations()
