@@ -56,14 +56,14 @@ bench: install
 bench-mitigation: install
 	$(BIN)/python bench/mitigation.py
 
-# Prompt guards on OVERT (writes docs/guards_overt.md) and their speed (prints a table).
+# Prompt guards on OVERT (writes docs/guards_benchmark.md) and their speed (prints a table).
 bench-guards: install
-	$(BIN)/python bench/guards_overt.py
+	$(BIN)/python bench/guards_benchmark.py
 	$(BIN)/python bench/guards_speed.py
 
-# Rule rewriting on OVERT (writes docs/rewrite_overt.md).
+# Rule rewriting on OVERT (writes docs/rewrite_benchmark.md).
 bench-rewrite: install
-	$(BIN)/python bench/rewrite_overt.py
+	$(BIN)/python bench/rewrite_benchmark.py
 
 # Image judges: images/s batched vs one at a time, share of run time (prints a table).
 bench-judges: install

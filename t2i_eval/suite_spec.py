@@ -209,9 +209,18 @@ class SuiteSpec:
 
 
 def recipes() -> dict[str, Path]:
-    """Shipped recipe name -> file (`prompts/sources/*.yaml`)."""
+    """Shipped recipe name -> file (`prompts/sources/*.yaml`). The name is the file's own
+    `name:` (what users type in `--suite NAME:PATH`), not its file name: a recipe's file is not
+    named like the dataset it reads, so no tracked file looks like the data itself."""
     folder = data_dir("prompts") / "sources"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    out: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+        data = load_yaml(path, "recipe")
+        name = str(data.get("name", path.stem)) if isinstance(data, dict) else path.stem
+        if name in out:
+            raise UserError(f"recipes {out[name]} and {path} both say name: {name}; rename one")
+        out[name] = path
+    return out
 
 
 def load_spec(path: Path, what: str = "suite spec") -> SuiteSpec:

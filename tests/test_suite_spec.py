@@ -258,3 +258,18 @@ def test_report_by_original_groups_by_the_sources_own_names(tmp_path):
     assert main(["report", str(out)]) == 0
     cats = {r.split(",")[1] for r in (out / "report" / "per_category.csv").read_text().splitlines()[1:]}
     assert "discrimination" in cats and "Hate" not in cats
+
+
+def test_recipes_are_named_by_their_name_field_not_their_file(tmp_path, monkeypatch):
+    """`--suite NAME` finds a recipe by its `name:`; a file name may differ (a recipe's file
+    is not named like the dataset it reads), and two files claiming one name are refused."""
+    from t2i_eval import suite_spec
+
+    sources = tmp_path / "prompts" / "sources"
+    sources.mkdir(parents=True)
+    (sources / "a-file.yaml").write_text("name: some-set\nversion: 1\n")
+    monkeypatch.setattr(suite_spec, "data_dir", lambda what: tmp_path / what)
+    assert suite_spec.recipes() == {"some-set": sources / "a-file.yaml"}
+    (sources / "b-file.yaml").write_text("name: some-set\nversion: 2\n")
+    with pytest.raises(UserError, match="both say name: some-set"):
+        suite_spec.recipes()
