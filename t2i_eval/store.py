@@ -369,21 +369,6 @@ class Decision(NamedTuple):
     seconds: float | None
     unavailable: str | None
 
-    @classmethod
-    def from_checked(cls, d: dict[str, Any]) -> Decision:
-        """From a decision's fields already checked (`Generation.check`); a field left out
-        takes `StageDecision`'s default."""
-        return cls(
-            sys.intern(d["stage"]),
-            sys.intern(d["name"]),
-            d["refused"],
-            d.get("score"),
-            d.get("threshold"),
-            redecide_raw(d.get("raw", _NO_RAW)),
-            d.get("seconds"),
-            d.get("unavailable"),
-        )
-
 
 class Record(NamedTuple):
     """A `Generation` as readers that count a whole run keep it (`read_records`): every field
@@ -402,20 +387,10 @@ class Record(NamedTuple):
     rank: int
 
     @classmethod
-    def parse(cls, d: dict[str, Any]) -> Record:
-        """A record line's fields checked as `Generation.from_dict` checks them, kept compact
-        (ValueError or TypeError names a wrong field, as there)."""
-        return cls.from_checked(Generation.check(d))
-
-    @classmethod
-    def from_checked(
-        cls, d: dict[str, Any], decisions: tuple[Decision, ...] | None = None
-    ) -> Record:
-        """From a record's fields already checked (`Generation.check`); a field left out
-        takes `Generation`'s default. `decisions`: already made from `d`'s (`CompactReader`)."""
+    def from_checked(cls, d: dict[str, Any], decisions: tuple[Decision, ...]) -> Record:
+        """From a record's fields already checked (`Generation.check`) and its decisions
+        already made (`CompactReader`); a field left out takes `Generation`'s default."""
         refused_by = d.get("refused_by")
-        if decisions is None:
-            decisions = tuple(map(Decision.from_checked, d.get("decisions", ())))
         return cls(
             d["record_id"],
             d["prompt_id"],
@@ -432,7 +407,7 @@ class Record(NamedTuple):
 
 
 class CompactReader:
-    """Reads record lines into compact `Record`s, checked as `Record.parse` checks them, with
+    """Reads record lines into compact `Record`s, checked as `Generation.check` checks them, with
     one tuple for equal decisions.
 
     Each line is decoded and type-checked in one C pass (`msgspec`, against structs made from
@@ -491,7 +466,8 @@ class CompactReader:
         )
 
     def parse(self, d: dict[str, Any]) -> Record:
-        """`Record.parse` of a decoded record line, its decisions shared where equal."""
+        """The `Record` of a record line decoded by `json` (the lines `line_decoder` refuses),
+        checked by `Generation.check`, its decisions shared where equal."""
         d = Generation.check(d)  # ValueError names the wrong field
         decisions = self._sequence(
             [

@@ -304,7 +304,7 @@ def test_a_finished_run_and_judge_leave_a_current_index(tmp_path, monkeypatch):
 def test_located_records_point_at_their_own_lines(tmp_path):
     """The index finds a record again by (offset, length): across chunks, blank lines and a
     last line without its newline, each place holds exactly that record's line."""
-    from t2i_eval.store import CHUNK, Record, located_records
+    from t2i_eval.store import CHUNK, CompactReader, Record, located_records
 
     p = Prompt("p", "t", "violence", "benign")
     store = RunStore(tmp_path)
@@ -319,4 +319,4 @@ def test_located_records_point_at_their_own_lines(tmp_path):
     assert [g.seed for _, _, g in got] == list(range(CHUNK + 3))
     for at, length, g in got:
         assert data[at : at + length] == data[at : at + length].strip()
-        assert Record.parse(json.loads(data[at : at + length])) == g
+        assert CompactReader().parse(json.loads(data[at : at + length])) == g

@@ -16,7 +16,7 @@ from helpers import guarded_run
 from t2i_eval.errors import UserError
 from t2i_eval.report import write_html, write_report
 from t2i_eval.stats import clustered_rate, run_table, tabulate
-from t2i_eval.store import CHUNK, Record, RunStore, read_run
+from t2i_eval.store import CHUNK, CompactReader, Record, RunStore, read_run
 from t2i_eval.types import Generation, Outcome, Prompt, StageDecision, outcomes
 
 CONCEPT_RAW = {
@@ -105,7 +105,7 @@ def test_a_record_with_fields_left_out_gets_the_defaults_generation_has(tmp_path
     store.generations_dir.mkdir()
     store.generations_path(0).write_text(json.dumps(line) + "\n")
     g, r = store.read_generations()["r"], store.read_records()["r"]
-    assert r == Record.from_checked(g.to_dict())
+    assert r == CompactReader().parse(g.to_dict())  # the json path, every default written
     assert (r.refused_by, r.image_path, r.seconds, r.rank) == (None, None, None, 0)
     d = r.decisions[0]
     assert (d.score, d.threshold, d.raw, d.seconds, d.unavailable) == (None, None, {}, None, None)
@@ -277,11 +277,12 @@ def _json_reader(path: Path, parse):
     return [parse_line(path, i, d, parse) for i, d in _numbered_jsonl(path)]
 
 
-def _old_compact(path: Path) -> dict[str, Record]:
-    """What reading compact records gave before `CompactReader`: json, then `Record.parse`."""
+def _json_compact(path: Path) -> dict[str, Record]:
+    """Compact records as the JSON reader gives them: json line by line, then
+    `CompactReader.parse` (the path every line the C decoder refuses takes)."""
     from t2i_eval.store import latest
 
-    return latest(_json_reader(path, Record.parse))
+    return latest(_json_reader(path, CompactReader().parse))
 
 
 def _lines_run(tmp_path: Path, lines: list[bytes]) -> RunStore:
@@ -315,7 +316,7 @@ def test_compact_reader_reads_what_the_json_reader_reads(tmp_path: Path) -> None
     ]
     store = _lines_run(tmp_path, lines)
     new = store.read_records()
-    old = _old_compact(store.generations_path(0))
+    old = _json_compact(store.generations_path(0))
     assert list(new) == list(old) == ["r0", "r1", "r3", "r4", "r5"]
     for rid in new:
         assert repr(new[rid]) == repr(old[rid]).replace("score=1,", "score=1.0,"), rid
@@ -336,7 +337,7 @@ def test_compact_reader_refuses_bad_lines_as_the_json_reader_does(tmp_path, bad,
     with pytest.raises(UserError) as new:
         store.read_records()
     with pytest.raises(UserError) as old:
-        _old_compact(store.generations_path(0))
+        _json_compact(store.generations_path(0))
     assert str(new.value) == str(old.value)
     assert "line 2" in str(new.value) and says in str(new.value)
 
@@ -358,8 +359,6 @@ def test_equal_decisions_are_one_tuple_and_raw_ones_are_never_shared(tmp_path: P
 def test_the_shared_decision_table_is_bounded(monkeypatch, tmp_path: Path) -> None:
     """A guard with a new score for every prompt: the table starts again every LIMIT entries,
     and the records read are the same."""
-    from t2i_eval.store import CompactReader
-
     monkeypatch.setattr(CompactReader, "LIMIT", 5)
     gens = [
         replace(_gen(f"r{i}"), decisions=(StageDecision("prompt_guard", "g", False, i / 100, 0.5),))
@@ -369,7 +368,7 @@ def test_the_shared_decision_table_is_bounded(monkeypatch, tmp_path: Path) -> No
     reader = CompactReader()
     got = list(reader.read(store.generations_path(0)))
     assert len(reader._decisions) <= 5
-    assert {r.record_id: r for r in got} == _old_compact(store.generations_path(0))
+    assert {r.record_id: r for r in got} == _json_compact(store.generations_path(0))
 
 
 def test_the_line_decoder_follows_the_record_types() -> None:

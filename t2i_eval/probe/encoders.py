@@ -62,12 +62,12 @@ class SentenceEncoder:
 
         self.id = ref
         self.model = load_sentence_model(model, backend=backend)
-        digest = getattr(self.model, "digest", "off")
-        # the card pins the weights, whatever runs them: the cached encoder's digest is that
-        # only on torch with the cache on ("off" when it is off; an ONNX backend's is the
-        # vectors digest, `fast_encoder.vectors_digest`), else hash the torch model itself
-        own = backend == "torch" and digest != "off"
-        self.digest = digest if own else weights_digest(_torch_model(self.model))
+        # the card pins the weights, whatever runs them: an ONNX backend keeps the digest its
+        # export was made from (its cache digest is `fast_encoder.vectors_digest`); on torch
+        # the cached encoder's digest is it, unless the cache is off ("off": hash the model)
+        inner = self.model.model
+        digest = getattr(inner, "weights_digest", None) or self.model.digest
+        self.digest = digest if digest != "off" else weights_digest(inner)
         dim = getattr(self.model, "get_embedding_dimension", None)  # sentence-transformers >= 6
         dim = dim or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
@@ -81,16 +81,6 @@ class SentenceEncoder:
             list(texts), normalize_embeddings=True, batch_size=BATCH, show_progress_bar=progress
         )
         return np.asarray(out, dtype=np.float32)
-
-
-def _torch_model(encoder: Any) -> Any:
-    """The sentence-transformers model inside its wrappers (the embedding cache's
-    `CachedEncoder`, the ONNX backend's `OnnxSentenceEncoder`: each keeps it as `.model`)."""
-    from ..embed_cache import ModelProxy
-
-    while isinstance(encoder, ModelProxy):
-        encoder = encoder.model
-    return encoder
 
 
 class _ClipEos:

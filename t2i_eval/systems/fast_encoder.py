@@ -273,15 +273,18 @@ class OnnxSentenceEncoder(ModelProxy):
 
     Texts are tokenized in batches of `batch_size` formed as sentence-transformers forms them
     (longest texts first) and each batch runs in groups of similar token counts (`runs`), so
-    little time goes on padding; vectors come back in input order. Any attribute other than `encode` is the torch model's
-    (`tokenizer`, `get_sentence_embedding_dimension`, `state_dict` for the weights digest);
-    `backend` says which export runs, so the embedding cache keeps its vectors apart.
+    little time goes on padding; vectors come back in input order. Any attribute other than
+    `encode` is the torch model's (`tokenizer`, `get_sentence_embedding_dimension`,
+    `state_dict`); `backend` says which export runs, so the embedding cache keeps its vectors
+    apart, and `weights_digest` is the torch weights' digest the export was made from (a
+    trained probe's card pins it: `probe.encoders`).
     """
 
-    def __init__(self, model: Any, path: Path, backend: str) -> None:
+    def __init__(self, model: Any, path: Path, backend: str, weights_digest: str) -> None:
         self.model = model
         self.path = path
         self.backend = backend
+        self.weights_digest = weights_digest
         self.session = _session(path)
         self.inputs = _input_names(self.session)
 
@@ -354,4 +357,4 @@ def load_onnx_encoder(model: Any, digest: str, backend: str, device: str) -> Onn
     """The ONNX backend for a loaded sentence-transformers `model` (CPU only)."""
     check_device(backend, device)
     _onnx_tools()
-    return OnnxSentenceEncoder(model, ensure_export(model, digest, backend), backend)
+    return OnnxSentenceEncoder(model, ensure_export(model, digest, backend), backend, digest)
