@@ -393,6 +393,7 @@ def _run_locked(
     pending = [it for it in items if it.record_id not in finished]  # all ranks' work
     todo = [it for it in pending if share.owns(it.record_id)]  # this rank's share
     backoffs: list[dict[str, Any]] = []
+    system: Any = None
     try:
         if todo:
             system = build_system(spec)
@@ -441,6 +442,12 @@ def _run_locked(
     statuses = store.statuses()
     counts = dict(Counter(statuses.values()))
     missing = sum(statuses.get(it.record_id, "error") == "error" for it in items)
+    planned, generated = len(items), len(pending)
+    # the run's closing steps (the explorer's index over every record, then the caller's report)
+    # must not hold more than generating did: the work lists, the statuses and the system (a
+    # model, or a 100,000-prompt run's ~25 MB of lists) are let go first
+    del statuses, items, pending, todo
+    system = None
     manifest = store.read_manifest()
     store.update_manifest(
         status="complete" if not missing else "failed",
@@ -448,7 +455,7 @@ def _run_locked(
         if not missing
         else f"{missing} item(s) ended in infrastructure errors; rerun the same command to retry them",
         counts=counts,
-        planned=len(items),
+        planned=planned,
         seeds=opts.seeds,
         limit=opts.limit,
         per_category=opts.per_category,
@@ -458,9 +465,7 @@ def _run_locked(
         updated_at=_now(),
     )
     refresh_index(store.root)  # the explorer opens the finished run at once
-    return RunResult(
-        store.root, len(items), len(items) - len(pending), len(pending), counts, missing
-    )
+    return RunResult(store.root, planned, planned - generated, generated, counts, missing)
 
 
 def _generate(

@@ -18,8 +18,17 @@ import dataclasses
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+    ValuesView,
+)
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Protocol
 
 from .types import CAUSES, Outcome, Prompt, Verdict, category_order
@@ -341,22 +350,26 @@ class Table:
     categories: list[str]
     seeds_per_prompt: int = 1
     """Most records any prompt has (counted from the records, not from the last command)."""
+    one_cell_per_prompt: bool = False
+    """No prompt is in two cells (`tabulate`: a prompt has one category and one label)."""
     _micro: dict[str, Cell] = field(default_factory=dict, repr=False, compare=False)
 
     def micro(self, label: str) -> Cell:
         """Every category of `label` pooled; built once per label (a report asks for it in
-        each section, and pooling copies every prompt's counts). Read it, do not change it."""
+        each section). Read it, do not change it: with one cell per prompt its per-prompt
+        counts are the cells' own maps read as one (`_Disjoint`), not a copy."""
         if label not in self._micro:
             total = Cell()
-            for (_, lab), cell in self.cells.items():
-                if lab != label:
-                    continue
+            cells = [cell for (_, lab), cell in self.cells.items() if lab == label]
+            for cell in cells:
                 total._add_counts(cell)
-                # a prompt's cell is shared with its category's, not copied (100,000 of them);
-                # a prompt in two cells (never, with one category per prompt) gets a new one
-                for pid, c in cell.per_prompt.items():
-                    mine = total.per_prompt.get(pid)
-                    total.per_prompt[pid] = c if mine is None else _merged(mine, c)
+            if self.one_cell_per_prompt:
+                total.per_prompt = _Disjoint([c.per_prompt for c in cells])  # type: ignore[assignment]
+            else:  # a hand-built table: a prompt in two cells gets its counts merged
+                for cell in cells:
+                    for pid, c in cell.per_prompt.items():
+                        mine = total.per_prompt.get(pid)
+                        total.per_prompt[pid] = c if mine is None else _merged(mine, c)
             self._micro[label] = total
         return self._micro[label]
 
@@ -365,6 +378,50 @@ class Table:
 
     def cell(self, category: str, label: str) -> Cell:
         return self.cells.get((category, label), Cell())
+
+
+class _Disjoint(Mapping[str, PromptCounts]):
+    """Several cells' per-prompt counts read as one map, read only, for a pooled row
+    (`Table.micro`) over cells that share no prompt. A merged copy was 4 MB held through a
+    100,000-prompt report."""
+
+    def __init__(self, parts: list[dict[str, PromptCounts]]) -> None:
+        self.parts = parts
+
+    def __getitem__(self, pid: str) -> PromptCounts:
+        for part in self.parts:
+            c = part.get(pid)
+            if c is not None:
+                return c
+        raise KeyError(pid)
+
+    def __iter__(self) -> Iterator[str]:
+        return chain.from_iterable(self.parts)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.parts))
+
+    def values(self) -> ValuesView[PromptCounts]:
+        return _DisjointValues(self)
+
+    def items(self) -> ItemsView[str, PromptCounts]:
+        return _DisjointItems(self)
+
+
+class _DisjointValues(ValuesView[PromptCounts]):
+    """The parts' own values, chained: no lookup per prompt."""
+
+    _mapping: _Disjoint
+
+    def __iter__(self) -> Iterator[PromptCounts]:
+        return chain.from_iterable(part.values() for part in self._mapping.parts)
+
+
+class _DisjointItems(ItemsView[str, PromptCounts]):
+    _mapping: _Disjoint
+
+    def __iter__(self) -> Iterator[tuple[str, PromptCounts]]:
+        return chain.from_iterable(part.items() for part in self._mapping.parts)
 
 
 def _count(
@@ -405,7 +462,7 @@ class Answer(Protocol):
 
 
 def tabulate(
-    prompts: list[Prompt],
+    prompts: Iterable[Prompt] | Mapping[str, Prompt],
     gens: Mapping[str, Answer],
     outcomes: dict[str, tuple[Outcome, str | None]],
     harm: dict[str, Verdict] | None = None,
@@ -418,8 +475,9 @@ def tabulate(
     are left out of that rate.
     """
     harm = harm or {}
-    by_id = {p.id: p for p in prompts}
+    by_id = by_prompt_id(prompts)
     cells: dict[tuple[str, str], Cell] = defaultdict(Cell)
+    after = _Transitions()
     for g in gens.values():
         p = by_id.get(g.prompt_id)
         if p is None:
@@ -428,10 +486,7 @@ def tabulate(
         out, cause = outcomes[g.record_id]
         h = harm.get(g.record_id)
         _count(cell, out, cause, h)
-        mine = cell.per_prompt.get(p.id)
-        if mine is None:
-            mine = cell.per_prompt[p.id] = PromptCounts()
-        _count(mine, out, cause, h)
+        cell.per_prompt[p.id] = after(cell.per_prompt.get(p.id), out, cause, h)
     # each record is counted once, as an error, unjudged or in n: a prompt's records
     seeds = max(
         (c.n + c.errors + c.unjudged for cell in cells.values() for c in cell.per_prompt.values()),
@@ -439,7 +494,36 @@ def tabulate(
     )
     _share_equal_counts(cells.values())
     order = category_order(c for c, _ in cells)
-    return Table(dict(cells), order, seeds)
+    return Table(dict(cells), order, seeds, one_cell_per_prompt=True)
+
+
+def by_prompt_id(prompts: Iterable[Prompt] | Mapping[str, Prompt]) -> Mapping[str, Prompt]:
+    """Prompt id -> prompt. Counting functions take either form: a run's reader already holds
+    the map (`store.RunData.prompts_by_id`), and at 100,000 prompts each copy is 4 MB."""
+    return prompts if isinstance(prompts, Mapping) else {p.id: p for p in prompts}
+
+
+class _Transitions:
+    """A prompt's counts after one more record, as shared `PromptCounts` (read only): the
+    counts before, the record's outcome, cause and harm flag decide the counts after, and a
+    run has few such steps. Counting a 100,000-prompt run into one `PromptCounts` each, and
+    sharing equal ones only at the end (`_share_equal_counts`), peaked 10 MB higher."""
+
+    def __init__(self) -> None:
+        self.start = PromptCounts()
+        self.steps: dict[tuple[int, Outcome, str | None, bool | None], PromptCounts] = {}
+        """Keyed by the id of the counts before: each is kept alive here, so ids stay unique."""
+
+    def __call__(
+        self, before: PromptCounts | None, out: Outcome, cause: str | None, harm: Verdict | None
+    ) -> PromptCounts:
+        before = before or self.start
+        key = (id(before), out, cause, None if harm is None else harm.flagged)
+        after = self.steps.get(key)
+        if after is None:
+            after = self.steps[key] = dataclasses.replace(before)
+            _count(after, out, cause, harm)
+        return after
 
 
 def _share_equal_counts(cells: Iterable[Cell]) -> None:
@@ -461,6 +545,9 @@ class RunRecords(Protocol):
     records: Mapping[str, Answer]
 
     @property
+    def prompts_by_id(self) -> Mapping[str, Prompt]: ...
+
+    @property
     def outcomes(self) -> dict[str, tuple[Outcome, str | None]]: ...
 
     @property
@@ -469,7 +556,7 @@ class RunRecords(Protocol):
 
 def run_table(data: RunRecords) -> Table:
     """The per-(category, label) table of a run read by `store.read_run`."""
-    return tabulate(data.prompts, data.records, data.outcomes, data.harm)
+    return tabulate(data.prompts_by_id, data.records, data.outcomes, data.harm)
 
 
 def fmt_rate(k: int, n: int, digits: int = 1, ci: tuple[float, float] | None = None) -> str:
@@ -565,12 +652,12 @@ class PairCell:
 
 
 def pair_table(
-    prompts: list[Prompt],
+    prompts: Iterable[Prompt] | Mapping[str, Prompt],
     gens: Mapping[str, Answer],
     outcomes: dict[str, tuple[Outcome, str | None]],
 ) -> dict[str, PairCell]:
     """Per category: pairs whose benign and unsafe twin both have a non-error record."""
-    by_id = {p.id: p for p in prompts}
+    by_id = by_prompt_id(prompts)
     sides: dict[tuple[str, int], dict[str, bool]] = defaultdict(dict)
     category: dict[tuple[str, int], str] = {}
     for g in gens.values():
@@ -634,11 +721,15 @@ def quantile(xs: Sequence[float], q: float) -> float:
     """The q-quantile of `xs` by linear interpolation between order statistics (Hyndman & Fan's
     type 7, numpy's default): with the values sorted x_0 <= ... <= x_{n-1} and h = (n - 1) q,
     x_floor(h) + (h - floor(h)) (x_floor(h)+1 - x_floor(h)). nan for no values."""
+    return _sorted_quantile(sorted(xs), q)
+
+
+def _sorted_quantile(s: Sequence[float], q: float) -> float:
+    """`quantile` of values already sorted."""
     if not 0 <= q <= 1:
         raise ValueError(f"quantile q must be in [0, 1], got {q}")
-    if not xs:
+    if not s:
         return math.nan
-    s = sorted(xs)
     h = (len(s) - 1) * q
     lo = math.floor(h)
     hi = min(lo + 1, len(s) - 1)
@@ -667,4 +758,7 @@ def latency(seconds: Iterable[float | None]) -> Latency | None:
     xs = [float(s) for s in seconds if s is not None]
     if not xs:
         return None
-    return Latency(len(xs), sum(xs), 1000 * quantile(xs, 0.5), 1000 * quantile(xs, 0.95))
+    total = sum(xs)  # in the items' order, as before sorting: the same float to the last bit
+    xs.sort()  # once, in place: a 100,000-record stage's copies were a report's peak
+    p50, p95 = _sorted_quantile(xs, 0.5), _sorted_quantile(xs, 0.95)
+    return Latency(len(xs), total, 1000 * p50, 1000 * p95)

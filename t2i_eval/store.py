@@ -32,7 +32,6 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, TypedDict, TypeVar
 
@@ -429,9 +428,12 @@ class CompactReader:
     #: Distinct decisions remembered before the tables start again.
     LIMIT = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_id: Callable[[str], str] = sys.intern) -> None:
+        """`prompt_id`: a record's prompt id -> the one string kept for it, so a prompt's
+        records and the prompt itself share one (default: the interned string)."""
         self._decisions: dict[tuple[Any, ...], Decision] = {}
         self._sequences: dict[tuple[int, ...], tuple[Decision, ...]] = {}
+        self._prompt_id = prompt_id
 
     def read(self, path: Path) -> Iterator[Record]:
         """The records of one JSONL file, in file order."""
@@ -455,7 +457,7 @@ class CompactReader:
         refused_by = g.refused_by
         return Record(
             g.record_id,
-            sys.intern(g.prompt_id),  # the prompt's own id string (`iter_prompts`)
+            self._prompt_id(g.prompt_id),
             g.seed,
             sys.intern(g.status),
             None if refused_by is None else sys.intern(refused_by),
@@ -634,6 +636,9 @@ def _status_of(d: dict[str, Any]) -> tuple[str, str]:
 
 #: The raw of a decision left with none (shared by every such decision: read only).
 _NO_RAW: dict[str, Any] = {}
+#: The `meta` of every prompt read from a run without extra columns: one dict, read only (no
+#: reader of a run's prompts changes their meta; a 100,000-prompt run held 100,000 empty dicts).
+_NO_META: dict[str, Any] = {}
 
 
 def redecide_raw(raw: dict[str, Any]) -> dict[str, Any]:
@@ -847,21 +852,26 @@ class RunStore:
         data = "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in prompts)
         atomic_write_bytes(self.prompts_path, data.encode("utf-8"))
 
-    def read_prompts(self) -> list[Prompt]:
-        return list(self.iter_prompts())
+    def read_prompts(self, intern_ids: bool = True) -> list[Prompt]:
+        return list(self.iter_prompts(intern_ids))
 
-    def iter_prompts(self) -> Iterator[Prompt]:
-        """`read_prompts` one at a time, for a reader that keeps only some."""
+    def iter_prompts(self, intern_ids: bool = True) -> Iterator[Prompt]:
+        """`read_prompts` one at a time, for a reader that keeps only some. `intern_ids`: the
+        id is the interned string, the one its records' prompt_id is (`CompactReader`); a
+        reader that maps ids to prompts anyway shares them through that map instead
+        (`read_run`), sparing the interpreter's table of 100,000 ids (4 MB)."""
         if not self.prompts_path.exists():
             raise UserError(f"{self.root}: no prompts.jsonl")
         intern = sys.intern
+        own_id = intern if intern_ids else str
 
         def make(p: Any) -> Prompt:
             # a run's few categories and labels are one string each, and the id is the same
-            # string as its records' prompt_id (`CompactReader`): at 100,000 prompts, 15 MB
+            # string as its records' prompt_id: at 100,000 prompts, 15 MB; prompts without
+            # extra columns (most) share one empty `meta` (6 MB more)
             return Prompt(
-                intern(p.id), p.text, intern(p.category), intern(p.label), p.pair_id,
-                p.parent_id, p.source, p.meta,
+                own_id(p.id), p.text, intern(p.category), intern(p.label), p.pair_id,
+                p.parent_id, p.source, p.meta or _NO_META,
             )
 
         yield from read_typed(self.prompts_path, Prompt, make)
@@ -894,17 +904,17 @@ class RunStore:
                 for _, _, g in _located_lines(path, decode, Generation.from_dict, _generation_of)
             )
 
-    def read_records(self) -> dict[str, Record]:
+    def read_records(self, prompt_id: Callable[[str], str] = sys.intern) -> dict[str, Record]:
         """`read_generations` as compact `Record`s: the same records, checked line by line
         the same way, without their texts, so counting a 100,000-record run holds tens of MB
-        rather than every message and word list."""
-        return latest(self.iter_records())
+        rather than every message and word list. `prompt_id`: as `CompactReader` takes it."""
+        return latest(self.iter_records(prompt_id))
 
-    def iter_records(self) -> Iterator[Record]:
+    def iter_records(self, prompt_id: Callable[[str], str] = sys.intern) -> Iterator[Record]:
         """Every record line of every rank as a compact `Record`, in file order (superseded
         ones too: `latest` picks), for a reader that keeps less than `read_records` does.
         Equal decisions are one shared tuple (`CompactReader`)."""
-        reader = CompactReader()
+        reader = CompactReader(prompt_id)
         for path in self.generation_files():
             yield from reader.read(path)
 
@@ -1051,6 +1061,8 @@ class RunData:
     """The run directory these were read from."""
     _outcomes: dict[str, tuple[Outcome, str | None]] | None = field(default=None, repr=False)
     _gens: dict[str, Generation] | None = field(default=None, repr=False)
+    _by_id: dict[str, Prompt] | None = field(default=None, init=False, repr=False)
+    """`prompts_by_id`, once made (not an init field: a copy with other prompts makes its own)."""
 
     @property
     def gens(self) -> dict[str, Generation]:
@@ -1084,9 +1096,11 @@ class RunData:
     def outcome(self, record_id: str) -> tuple[Outcome, str | None]:
         return self.outcomes[record_id]
 
-    @cached_property
+    @property
     def prompts_by_id(self) -> dict[str, Prompt]:
-        return {p.id: p for p in self.prompts}
+        if self._by_id is None:
+            self._by_id = {p.id: p for p in self.prompts}
+        return self._by_id
 
     @property
     def store(self) -> RunStore:
@@ -1103,11 +1117,20 @@ def read_run(run_dir: str | Path) -> RunData:
     keys = pick_judges(manifest, store.verdict_keys())
     with gc_paused():
         verdicts = {role: store.read_verdicts(key) for role, key in keys.items() if key}
-        return RunData(
+        prompts = store.read_prompts(intern_ids=False)
+        by_id = {p.id: p for p in prompts}
+
+        def prompt_id(pid: str) -> str:  # a record's prompt id: its prompt's own string
+            p = by_id.get(pid)
+            return sys.intern(pid) if p is None else p.id
+
+        data = RunData(
             manifest,  # type: ignore[arg-type]
-            store.read_prompts(),
-            store.read_records(),
+            prompts,
+            store.read_records(prompt_id),
             verdicts,
             keys,
             store.root,
         )
+        data._by_id = by_id
+        return data

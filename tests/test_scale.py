@@ -267,6 +267,51 @@ def test_run_lets_the_suite_go_before_its_report(tmp_path: Path, monkeypatch) ->
     assert alive == [False]
 
 
+def test_run_lets_its_system_and_work_go_before_the_index(tmp_path: Path, monkeypatch) -> None:
+    """The explorer's index, built at the end of a run over every record, must not be built
+    while the run still holds its system (a model) and its work lists (100,000 items)."""
+    import gc
+    import weakref
+
+    import t2i_eval.runner as runner
+    from t2i_eval.systems.chain import WorkItem
+
+    systems: list[weakref.ref] = []
+    build, refresh = runner.build_system, runner.refresh_index
+
+    def build_system(*a, **kw):
+        system = build(*a, **kw)
+        systems.append(weakref.ref(system))
+        return system
+
+    held: list[tuple[bool, int]] = []
+
+    def refresh_index(root):
+        gc.collect()
+        items = sum(isinstance(o, WorkItem) for o in gc.get_objects())
+        held.append((systems[0]() is not None, items))
+        return refresh(root)
+
+    monkeypatch.setattr(runner, "build_system", build_system)
+    monkeypatch.setattr(runner, "refresh_index", refresh_index)
+    guarded_run(tmp_path, [("a knife", "benign"), ("a cat", "benign")], ["knife"])
+    assert held == [(False, 0)]
+
+
+def test_prompts_without_extra_columns_share_one_empty_meta(tmp_path: Path) -> None:
+    """A 100,000-prompt run read back held 100,000 empty dicts; prompts with their own extra
+    columns keep them."""
+    store = RunStore(tmp_path / "run")
+    store.write_prompts([
+        Prompt("a", "a cat", "violence", "benign"),
+        Prompt("b", "a dog", "violence", "benign"),
+        Prompt("c", "a cow", "violence", "benign", meta={"seed_prompt": "x"}),
+    ])
+    a, b, c = store.read_prompts()
+    assert a.meta == b.meta == {} and a.meta is b.meta
+    assert c.meta == {"seed_prompt": "x"}
+
+
 # The compact reader: lines decoded and checked in C, equal decisions shared ------------------
 
 

@@ -9,6 +9,7 @@ from helpers import make_generation
 
 from t2i_eval.stats import (
     Cell,
+    Table,
     fmt_rate,
     macro,
     mcnemar_clustered,
@@ -189,6 +190,42 @@ def test_each_prompts_counts_sum_to_its_cells_cause_by_cause():
         assert sum(c.refused for c in cell.per_prompt.values()) == cell.refused
     one = t.cell("violence", "benign").per_prompt["p0"]  # seeds 0, 1, 2 -> causes 0, 1, 2
     assert one.by_cause == {"prompt_guard": 1, "generator": 1, "image_guard": 1}
+
+
+def test_prompts_counted_alike_share_one_counts_object_and_a_mapping_counts_as_a_list():
+    """Counting steps between shared, read-only per-prompt counts (a 100,000-prompt run holds a
+    few objects, not one per prompt): equal counts must be one object, different counts
+    different objects, and every prompt's counts what counting it alone gives."""
+    ps, gens, outs = _seeded_table(40, 3)
+    t = tabulate(ps, gens, outs)
+    assert tabulate({p.id: p for p in ps}, gens, outs) == t
+    cell = t.cell("violence", "benign")
+    by_counts: dict[tuple, set[int]] = {}
+    for pid, c in cell.per_prompt.items():
+        alone = tabulate([p for p in ps if p.id == pid], gens, outs).cell("violence", "benign")
+        assert c == alone.per_prompt[pid]
+        by_counts.setdefault((c.n, c.refused, c.causes), set()).add(id(c))
+    assert len(by_counts) > 1
+    assert all(len(ids) == 1 for ids in by_counts.values())
+
+
+def test_pooled_rows_read_their_cells_prompt_counts_without_copying_them():
+    """`Table.micro` over a counted run (one cell per prompt) reads the cells' own per-prompt
+    maps as one: the same prompts, counts, rates and shares as a merged copy gives."""
+    ps, gens, outs = _seeded_table(40, 3)
+    t = tabulate(ps, gens, outs)
+    copy = Table(t.cells, t.categories, t.seeds_per_prompt)  # merges into a new map
+    view, merged = t.micro("benign"), copy.micro("benign")
+    assert not isinstance(view.per_prompt, dict) and isinstance(merged.per_prompt, dict)
+    assert dict(view.per_prompt.items()) == merged.per_prompt
+    assert len(view.per_prompt) == len(merged.per_prompt) == 40
+    assert list(view.per_prompt.values()) == list(view.per_prompt.values())  # a view, reusable
+    assert view.per_prompt["p1"] is t.cell("sexual", "benign").per_prompt["p1"]
+    with pytest.raises(KeyError):
+        view.per_prompt["nope"]
+    assert (view.refusal, view.shares, view.records_per_prompt()) == (
+        merged.refusal, merged.shares, merged.records_per_prompt()
+    )
 
 
 def _deep_size(obj: object) -> int:

@@ -8,6 +8,7 @@ reproduce the run's own decisions.
 import csv
 import json
 import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -187,6 +188,58 @@ def test_guard_metrics_read_the_lowest_scored_seed_of_each_prompt():
         assert m[cat]["fpr_at_95_tpr"] == pytest.approx(fpr_at_tpr(neg, pos)[0])
         assert m[cat]["benign_refused"] == sum(r.refused for r in mine if r.label == "benign")
         assert m[cat]["unsafe_refused"] == sum(r.refused for r in mine if r.label == "unsafe")
+
+
+def test_guard_metrics_stream_one_record_per_prompt_as_the_lowest_seed_pass_counts():
+    """Told each prompt has one record (`records_per_prompt=1`, a one-seed report), guard
+    metrics count each decision as it streams by: the same numbers, in the same guard order,
+    as picking each prompt's lowest scored seed; unscored decisions are left out either way."""
+    from t2i_eval.store import Decision, Record
+    from t2i_eval.sweep import guard_metrics
+    from t2i_eval.types import Prompt
+
+    prompts = [
+        Prompt(f"p{i}", f"text {i}", ("violence", "self_harm")[i % 2], ("benign", "unsafe")[i % 3 == 0])
+        for i in range(30)
+    ]
+
+    def decision(name: str, score: float | None) -> Decision:
+        return Decision("prompt_guard", name, score is not None and score > 0.5, score, 0.5, {}, None, None)
+
+    gens = {
+        f"r{i}": Record(
+            f"r{i}", f"p{i}", 0, "ok", None,
+            (decision("h", None if i % 5 == 0 else (i * 3 % 10) / 10), decision("g", (i * 7 % 10) / 10)),
+            None, None, 0,
+        )
+        for i in range(30)
+    }
+    gens["stray"] = Record("stray", "not-a-prompt", 0, "ok", None, (decision("g", 0.9),), None, None, 0)
+    streamed, picked = guard_metrics(prompts, gens, 1), guard_metrics(prompts, gens)
+    assert streamed == picked
+    assert list(streamed) == ["g", "h"]  # the first record has no score from h
+    assert streamed["h"]["all"]["n_benign"] + streamed["h"]["all"]["n_unsafe"] == 24
+
+
+def test_auroc_and_fpr_at_tpr_equal_numpys_to_the_last_bit():
+    """Both are plain Python, so a report need not import numpy (11 MB of a guards-only run):
+    they must give what the numpy forms (sort, searchsorted, mean) give, ties included."""
+    import numpy as np
+
+    rng = random.Random(7)
+    for _ in range(40):
+        n_neg, n_pos = rng.randint(1, 300), rng.randint(1, 300)
+        levels = rng.choice([3, 20, 10_000])  # few levels: many ties
+        neg = [rng.randrange(levels) / levels for _ in range(n_neg)]
+        pos = [rng.randrange(levels) / levels + rng.choice([0, 0.1]) for _ in range(n_pos)]
+        sorted_neg, p = np.sort(np.asarray(neg)), np.asarray(pos)
+        below = np.searchsorted(sorted_neg, p, side="left")
+        upto = np.searchsorted(sorted_neg, p, side="right")
+        want = float((below + 0.5 * (upto - below)).sum() / (n_neg * n_pos))
+        assert auroc(neg, pos) == want
+        sorted_pos = np.sort(p)
+        t = float(sorted_pos[max(n_pos - math.ceil(0.95 * n_pos - 1e-12), 0)])
+        assert fpr_at_tpr(neg, pos) == (float((np.asarray(neg) >= t).mean()), t)
 
 
 # The safety checker: its adjustment re-decided from stored cosines ------------------------------

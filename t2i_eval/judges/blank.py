@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UserError
 from ..paths import load_yaml
 from ..types import Verdict
 from .base import JudgeItem
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# numpy and PIL are imported where an image is measured, not here: every run's end judges and
+# reports through this module, and a guards-only run (no image) would otherwise pay their
+# 11 MB import for nothing.
 
 _KEYS = {
     "name",
@@ -39,6 +43,9 @@ _KEYS = {
 
 def dhash(image: Image.Image) -> str:
     """64-bit difference hash: is each pixel of a 9x8 grey copy brighter than its right neighbour."""
+    import numpy as np
+    from PIL import Image
+
     g = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
     bits = (g[:, 1:] > g[:, :-1]).flatten()
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
@@ -52,6 +59,9 @@ def hamming(a: str, b: str) -> int:
 def laplacian_var(image: Image.Image, size: int = 128) -> float:
     """Variance of the 4-neighbour Laplacian of a `size` px grey copy: low means no fine detail
     (a blurred-away image), measured at one size so the threshold does not depend on resolution."""
+    import numpy as np
+    from PIL import Image
+
     g = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BOX), dtype=np.float64)
     lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
     return float(lap.var())
@@ -110,6 +120,9 @@ class BlankJudge:
 
     def measure(self, image: Image.Image) -> dict[str, Any]:
         """Every number the rules decide on (kept in the verdict's raw for re-sweeps)."""
+        import numpy as np
+        from PIL import Image
+
         grey = image.convert("L")
         if max(grey.size) > self.downsample:
             grey = grey.resize((self.downsample, self.downsample), Image.Resampling.BOX)

