@@ -1,6 +1,7 @@
 """`t2i-eval report` at 10,000 and 100,000 records, side by side with merely parsing the records.
 
     .venv/bin/python bench/report_scale.py [--records 10000 --records 100000] [--run-records N]
+        [--run-system blocklist|guards]
 
 For each size it writes a synthetic guards-only run (`explorer_speed.write_run`: every record
 carries three prompt guards' decisions as `--system guards` writes them, about 2 KB a line; every
@@ -12,11 +13,13 @@ carries three prompt guards' decisions as `--system guards` writes them, about 2
 
 Targets (issue #16): the report at most 3x the raw parse, under 400 MB at 100,000 records.
 
-Then the end of a run against its generation phase: a `blocklist` guards-only run of
-`--run-records` prompts (0 skips it) generates, then indexes, judges and writes its report as
-`t2i-eval run` does; the process's peak memory is read when generating is done (before the
-explorer's index is built), after the index, and at the end. Target: the end adds nothing to
-the peak (ratio 1.00).
+Then the end of a run against its generation phase: a guards-only run of `--run-records`
+prompts (0 skips it) through `--run-system` (default `blocklist`, the hardest case: generating
+holds no model, so the end's tables weigh most; `guards` is the issue's own run, the concept
+guard's model included, about 45 minutes at 100,000 prompts) generates, then indexes, judges and
+writes its report as `t2i-eval run` does; the process's peak memory is read when generating is
+done (before the explorer's index is built), after the index, and at the end. Target: the end
+adds nothing to the peak (ratio 1.00).
 """
 
 from __future__ import annotations
@@ -69,13 +72,13 @@ def refresh_after_generating(root):
     refresh(root)
 runner.refresh_index = refresh_after_generating
 
-n, out = int(sys.argv[1]), sys.argv[2]
+n, out, system = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 words = ("a stage actor pretends to kill", "a quiet harbour at dawn", "a knife on a table")
 suite = Suite("scale", tuple(
     Prompt(f"p{i}", f"{words[i % 3]}, picture {i}", CATEGORIES[i % 9], ("benign", "unsafe")[i % 2])
     for i in range(n)
 ))
-runner.run(suite, parse_system("blocklist"), out=out, progress=False, judges=())
+runner.run(suite, parse_system(system), out=out, progress=False, judges=())
 indexed = peak()
 judge_run(out, progress=False)
 del suite  # as `t2i-eval run` does before its report
@@ -139,6 +142,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, action="append", help="run sizes (repeatable)")
     ap.add_argument("--repeat", type=int, default=3, help="report timings per size (best kept)")
     ap.add_argument("--run-records", type=int, default=100_000, help="0: skip the run phases")
+    ap.add_argument("--run-system", default="blocklist", help="the run phases' system")
     args = ap.parse_args()
     sizes = args.records or [10_000, 100_000]
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,11 +161,12 @@ def main() -> None:
         print("targets: report <= 3x raw parse; peak < 400 MB at 100,000 records")
         if args.run_records:
             _, _, out = child(
-                [sys.executable, "-c", RUN_PHASES, str(args.run_records), f"{tmp}/phases"]
+                [sys.executable, "-c", RUN_PHASES, str(args.run_records), f"{tmp}/phases",
+                 args.run_system]
             )
             generated, indexed, end = map(float, out.split())
             print(
-                f"\nrun of {args.run_records:,} prompts (blocklist, guards-only): peak "
+                f"\nrun of {args.run_records:,} prompts ({args.run_system}, guards-only): peak "
                 f"{generated:.0f} MB generating; at the end {indexed:.0f} MB after the index, "
                 f"{end:.0f} MB after judging and the report: ratio {end / generated:.2f} "
                 "(target 1.00)"

@@ -298,6 +298,25 @@ def test_run_lets_its_system_and_work_go_before_the_index(tmp_path: Path, monkey
     assert held == [(False, 0)]
 
 
+def test_the_end_of_a_guards_only_run_imports_no_numpy(tmp_path: Path) -> None:
+    """Judging and reporting a run without images needs nothing numpy or PIL give, and their
+    import is 11 MB: more than a 100,000-prompt blocklist run's whole end had to spare."""
+    import subprocess
+    import sys
+
+    run = guarded_run(tmp_path, [("a knife", "benign"), ("a cat", "unsafe")], ["knife"])
+    code = (
+        "import sys\n"
+        "from t2i_eval.judging import judge_run\n"
+        "from t2i_eval.report import write_report\n"
+        f"judge_run({str(run)!r}, progress=False)\n"
+        f"write_report({str(run)!r})\n"
+        "print(sorted(m for m in ('numpy', 'PIL') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_prompts_without_extra_columns_share_one_empty_meta(tmp_path: Path) -> None:
     """A 100,000-prompt run read back held 100,000 empty dicts; prompts with their own extra
     columns keep them."""
