@@ -12,12 +12,14 @@ Each batch runs in short runs of texts of similar token counts (`runs`, `ROWS_PE
 little of the time goes on padding.
 
 Why not the default: measured on this project's CPU machine (docs/text_encoders.md, made by
-bench/text_encoder_speed.py), fp32 ONNX is ~1.8x torch's speed on one thread (same decisions on
-OVERT-mini) and int8 ~2.7x, but int8 moves the concept guard's max_cos by up to ~0.06, which
-flips ~30 of 1,799 OVERT-mini decisions; the default stays `torch` until a backend is both >= 3x
-faster and decision-identical (the bar of the issue that added these backends). The bench also
-measures why fp32 cannot get there on that CPU: the encoder's matrix products alone, unpadded, at
-the best one-thread speed measured, come to ~2.3-2.6x torch. ONNX Runtime's transformer fusions
+bench/text_encoder_speed.py), fp32 ONNX is ~1.85x torch's speed on one thread (same decisions on
+OVERT-mini) and int8 2.6-3.0x (over four runs), but int8 moves the concept guard's max_cos by up
+to 0.065, which flips 26 of 1,799 OVERT-mini decisions; the default stays `torch` until a backend
+is both >= 3x faster and decision-identical (the bar of the issue that added these backends). The
+bench also measures why fp32 cannot get there on that CPU: the encoder's matrix products alone,
+unpadded, at the best one-thread speed measured, come to ~2.6x torch. Other int8 recipes
+(reduce_range, uint8 weights, per-tensor scales, MatMul only, other rows per run, 8-bit
+block-wise weights) were measured on 2026-11-30: none was both as fast and with fewer flips. ONNX Runtime's transformer fusions
 (onnxruntime.transformers.optimizer: Attention, SkipLayerNormalization, BiasGelu, exact Gelu) were
 tried and measured 0.93-1.00x this graph's speed, so the export stays unfused.
 """
