@@ -57,6 +57,7 @@ print(time.perf_counter() - t)
 RUN_PHASES = """
 import resource, sys
 import t2i_eval.runner as runner
+from t2i_eval.cli import release_models
 from t2i_eval.judging import judge_run
 from t2i_eval.report import write_report
 from t2i_eval.systems import parse_system
@@ -81,7 +82,8 @@ suite = Suite("scale", tuple(
 runner.run(suite, parse_system(system), out=out, progress=False, judges=())
 indexed = peak()
 judge_run(out, progress=False)
-del suite  # as `t2i-eval run` does before its report
+del suite  # as `t2i-eval run` does before its report, with the models the run kept loaded
+release_models()
 write_report(out)
 print(generated[0], indexed, peak())
 """

@@ -44,6 +44,15 @@ def _threads(n: int) -> None:
         sys.modules["torch"].set_num_threads(n)
 
 
+def release_models() -> None:
+    """Let go of every model a run's guards and judges keep loaded for reuse in the process
+    (only modules already imported: nothing is imported to be emptied)."""
+    for name in ("t2i_eval.systems.text_guards", "t2i_eval.judges.clip_backend"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.release_models()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`t2i-eval run`: generate (and a reference run, if asked), judge, report; exit 1 on
     outages."""
@@ -82,8 +91,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     # the report reads the run's own prompts: the suite (100,000 prompts in a large run, about
-    # 50 MB) is let go first, so the end of a run holds no more than its generation did
+    # 50 MB) and the models the run kept loaded are let go first, so the end of a run holds no
+    # more than its generation did
     suites.clear()
+    release_models()
     if result.rank != 0:
         return 0  # rank 0 judges and reports for the whole multi-process run
     text = write_report(result.run_dir)

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import guarded_run
+from helpers import guarded_run, write_suite
 
 from t2i_eval.errors import UserError
 from t2i_eval.report import write_html, write_report
@@ -296,6 +296,35 @@ def test_run_lets_its_system_and_work_go_before_the_index(tmp_path: Path, monkey
     monkeypatch.setattr(runner, "refresh_index", refresh_index)
     guarded_run(tmp_path, [("a knife", "benign"), ("a cat", "benign")], ["knife"])
     assert held == [(False, 0)]
+
+
+def test_run_lets_its_models_go_before_its_report(tmp_path: Path, monkeypatch) -> None:
+    """The concept guard's sentence model, kept loaded for reuse within a process, is ~90 MB
+    the report after a run does not need: `t2i-eval run` lets it go first."""
+    pytest.importorskip("sentence_transformers")
+    import t2i_eval.cli as cli
+    import t2i_eval.report
+    from t2i_eval.systems import text_guards
+
+    loaded: list[int] = []
+    release, report = cli.release_models, t2i_eval.report.write_report
+
+    def release_models():
+        loaded.append(text_guards._load_sentence_model.cache_info().currsize)
+        release()
+
+    def write_report(*a, **kw):
+        loaded.append(text_guards._load_sentence_model.cache_info().currsize)
+        return report(*a, **kw)
+
+    monkeypatch.setattr(cli, "release_models", release_models)
+    monkeypatch.setattr(t2i_eval.report, "write_report", write_report)
+    system = tmp_path / "sys.yaml"
+    system.write_text("prompt_guards: [concept]\ngenerator: guards-only\n")
+    suite = write_suite(tmp_path / "s.jsonl", [("a knife", "benign"), ("a cat", "unsafe")])
+    argv = ["run", "--suite", str(suite), "--system", str(system), "--out", str(tmp_path / "r")]
+    assert cli.main([*argv, "-q"]) == 0
+    assert loaded == [1, 0]  # loaded while generating, gone before the report
 
 
 def test_the_end_of_a_guards_only_run_imports_no_numpy(tmp_path: Path) -> None:

@@ -171,3 +171,9 @@ class ClipBackend:
 def backend(model: str, pretrained: str | None, device: str = "auto") -> ClipBackend:
     """One loaded model per (model, pretrained, device) per process: judges share it."""
     return ClipBackend(model, pretrained, device)
+
+
+def release_models() -> None:
+    """Let go of the models `backend` keeps: a process done judging (`t2i-eval run` before
+    its report) need not hold them."""
+    backend.cache_clear()
