@@ -172,6 +172,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         args.run_dir, refs, reference=args.reference, clip=args.clip, progress=not args.quiet
     ):
         print(f"{key}: {n} new verdict(s)")
+    release_models()  # the report needs none of the judges' models
     write_report(args.run_dir)
     return 0
 
@@ -205,6 +206,7 @@ def cmd_triggers(args: argparse.Namespace) -> int:
     result, image = explain_run(args.run_dir, guards=args.guard, progress=not args.quiet)
     predictor = refusal_predictor(args.run_dir)
     atomic_write_json(RunStore(args.run_dir).triggers_dir / "predictor.json", predictor)
+    release_models()  # the report needs none of the guards' models re-scoring used
     write_report(args.run_dir)
     words, concepts = triggers_section(result, args.top), image_triggers_section(image, args.top)
     for section in (words, concepts):
