@@ -27,6 +27,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_doc import write_doc  # noqa: E402
 
 from t2i_eval.runner import run  # noqa: E402
 from t2i_eval.stats import fmt_rate  # noqa: E402
@@ -137,10 +140,7 @@ def main() -> int:
         "`.../unsafe` (both labels).",
         "",
     ]
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"\nwritten: {args.doc}")
+    write_doc(args.doc, "\n".join(lines))
     return 0
 
 

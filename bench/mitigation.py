@@ -44,6 +44,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_doc import write_doc  # noqa: E402
 
 from t2i_eval.conformal import conformal_threshold, min_calibration_size  # noqa: E402
 from t2i_eval.outputs import md_cell  # noqa: E402
@@ -570,10 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else f"all {len(sources[-1])} prompts",
     }
     doc = document(results)
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text(doc, encoding="utf-8")
-    print(doc)
-    print(f"\nwritten: {args.doc}")
+    write_doc(args.doc, doc)
     return 0
 
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from bench_doc import write_doc  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -239,10 +240,7 @@ def main() -> int:
         "",
         *gpu_section(load_gpu_json()),  # measured on a GPU by bench/gpu_table.py, if ever
     ]
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text("\n".join(doc))
-    print("\n".join(doc))
-    print(f"written: {args.doc}")
+    write_doc(args.doc, "\n".join(doc))
     return 0
 
 

@@ -24,6 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_doc import write_doc  # noqa: E402
 
 from t2i_eval.report import write_rewrite_report  # noqa: E402
 from t2i_eval.rewrite.experiment import run_rewrite  # noqa: E402
@@ -94,10 +97,7 @@ def main() -> int:
         "",
         *sections,
     ]
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text("\n".join(doc))
-    print("\n".join(doc))
-    print(f"\nwritten: {args.doc}")
+    write_doc(args.doc, "\n".join(doc))
     return 0
 
 

@@ -13,7 +13,8 @@ thresholds, all-MiniLM-L6-v2) is built once per backend (`concept:backend=...`),
 2. agreement with torch on OVERT-mini (../shared/data/overt/OVERT_mini.csv; skipped with a note
    when absent): max |delta max_cos| per category, max |delta score|, decisions flipped (k / n).
 3. ceiling: prompts/s if the encoder did nothing but its layers' matrix products, unpadded,
-   at torch's one-thread speed for those shapes: what no fp32 backend can beat on this CPU.
+   at the faster of torch's and ONNX Runtime's one-thread speeds for those shapes: what no fp32
+   backend can beat on this CPU.
 The issue's bar for a new default: >= 3x torch's prompts/s with identical decisions.
 """
 
@@ -35,6 +36,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["T2I_EVAL_EMBED_CACHE_MAX_MB"] = "0"  # measure the encoders, not the cache
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_doc import write_doc  # noqa: E402
 
 from t2i_eval.suites import load_suite  # noqa: E402
 from t2i_eval.systems.fast_encoder import (  # noqa: E402
@@ -321,8 +325,7 @@ def main() -> int:
         "`t2i-eval cache info`).",
         "",
     ]
-    Path(args.doc).write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    write_doc(args.doc, "\n".join(lines))
     return 0
 
 

@@ -26,7 +26,7 @@ from .errors import UserError
 from .judges import judge_class, judge_from_spec, load_spec, spec_digest, spec_key
 from .judges.base import ROLES, JudgeItem
 from .run_index import refresh_index
-from .store import Record, RunStore
+from .store import Record, RunStore, latest
 from .types import Prompt, Verdict
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def judge_run(
                     continue
                 reference_image = None
                 rg = ref_gens.get(g.record_id)
-                if ref_store is not None and rg is not None and rg.status == "ok" and rg.image_path:
+                if rg is not None:  # a delivered reference image (`_delivered`)
                     try:
                         reference_image = _open_image(ref_store, rg.image_path)
                     except _UNREADABLE:
@@ -195,17 +195,13 @@ def _delivered(store: RunStore) -> dict[str, Record]:
     image), without its decisions: what the judge pass reads, held only for the records it can
     judge (none in a guards-only run, whose end of run then holds no records here).
 
-    The same records as filtering `latest`: a later result replaces an earlier record and an
-    error never replaces one, so a record's latest result alone decides whether it is here."""
-    out: dict[str, Record] = {}
-    for r in store.iter_records():
-        if r.status == "error":
-            continue
-        if r.status == "ok" and r.image_path:
-            out[r.record_id] = r._replace(decisions=())
-        else:
-            out.pop(r.record_id, None)
-    return out
+    The same records as filtering `latest`'s, never holding the others (`latest(keep=...)`)."""
+
+    def delivered(r: Record) -> bool:
+        return r.status == "ok" and bool(r.image_path)
+
+    records = (r._replace(decisions=()) if delivered(r) else r for r in store.iter_records())
+    return latest(records, keep=delivered)
 
 
 def timed(

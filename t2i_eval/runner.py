@@ -393,7 +393,7 @@ def _run_locked(
     pending = [it for it in items if it.record_id not in finished]  # all ranks' work
     todo = [it for it in pending if share.owns(it.record_id)]  # this rank's share
     backoffs: list[dict[str, Any]] = []
-    system: Any = None
+    system: Any = None  # built only when there is work
     try:
         if todo:
             system = build_system(spec)
@@ -446,8 +446,7 @@ def _run_locked(
     # the run's closing steps (the explorer's index over every record, then the caller's report)
     # must not hold more than generating did: the work lists, the statuses and the system (a
     # model, or a 100,000-prompt run's ~25 MB of lists) are let go first
-    del statuses, items, pending, todo
-    system = None
+    del statuses, items, pending, todo, system
     manifest = store.read_manifest()
     store.update_manifest(
         status="complete" if not missing else "failed",

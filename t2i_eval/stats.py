@@ -364,7 +364,8 @@ class Table:
             for cell in cells:
                 total._add_counts(cell)
             if self.one_cell_per_prompt:
-                total.per_prompt = _Disjoint([c.per_prompt for c in cells])  # type: ignore[assignment]
+                parts = [c.per_prompt for c in cells]
+                total.per_prompt = _Disjoint(parts)  # type: ignore[assignment]
             else:  # a hand-built table: a prompt in two cells gets its counts merged
                 for cell in cells:
                     for pid, c in cell.per_prompt.items():
@@ -492,7 +493,6 @@ def tabulate(
         (c.n + c.errors + c.unjudged for cell in cells.values() for c in cell.per_prompt.values()),
         default=1,
     )
-    _share_equal_counts(cells.values())
     order = category_order(c for c, _ in cells)
     return Table(dict(cells), order, seeds, one_cell_per_prompt=True)
 
@@ -503,16 +503,22 @@ def by_prompt_id(prompts: Iterable[Prompt] | Mapping[str, Prompt]) -> Mapping[st
     return prompts if isinstance(prompts, Mapping) else {p.id: p for p in prompts}
 
 
+#: Every field of a `PromptCounts`: equal keys, equal counts.
+_COUNTS_KEY = operator.attrgetter(*_COUNTS, "causes")
+
+
 class _Transitions:
     """A prompt's counts after one more record, as shared `PromptCounts` (read only): the
     counts before, the record's outcome, cause and harm flag decide the counts after, and a
-    run has few such steps. Counting a 100,000-prompt run into one `PromptCounts` each, and
-    sharing equal ones only at the end (`_share_equal_counts`), peaked 10 MB higher."""
+    run has few such steps; equal counts reached in different orders are one object too. Most
+    prompts of a run have the same few counts (one seed, refused or not, by one cause): at
+    100,000 prompts one object each was 10 MB."""
 
     def __init__(self) -> None:
         self.start = PromptCounts()
         self.steps: dict[tuple[int, Outcome, str | None, bool | None], PromptCounts] = {}
         """Keyed by the id of the counts before: each is kept alive here, so ids stay unique."""
+        self.equal: dict[tuple[Any, ...], PromptCounts] = {}
 
     def __call__(
         self, before: PromptCounts | None, out: Outcome, cause: str | None, harm: Verdict | None
@@ -521,21 +527,10 @@ class _Transitions:
         key = (id(before), out, cause, None if harm is None else harm.flagged)
         after = self.steps.get(key)
         if after is None:
-            after = self.steps[key] = dataclasses.replace(before)
-            _count(after, out, cause, harm)
+            fresh = dataclasses.replace(before)
+            _count(fresh, out, cause, harm)
+            after = self.steps[key] = self.equal.setdefault(_COUNTS_KEY(fresh), fresh)
         return after
-
-
-def _share_equal_counts(cells: Iterable[Cell]) -> None:
-    """Make prompts with equal counts share one `PromptCounts` (read only from here on, as
-    `Table.micro` already shares them): most prompts of a run have the same few counts (one
-    seed, refused or not, by one cause), and at 100,000 prompts one object each was 10 MB."""
-    key = operator.attrgetter(*_COUNTS, "causes")  # every field of a PromptCounts
-    shared: dict[tuple[Any, ...], PromptCounts] = {}
-    for cell in cells:
-        counts = cell.per_prompt
-        for pid, c in counts.items():  # values replaced in place: the dict keeps its size
-            counts[pid] = shared.setdefault(key(c), c)
 
 
 class RunRecords(Protocol):

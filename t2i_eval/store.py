@@ -30,10 +30,10 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, TypedDict, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict, TypeVar, get_type_hints
 
 import msgspec
 
@@ -224,8 +224,7 @@ def located_records(path: Path, kind: type) -> Iterator[tuple[int, int, Any]]:
     `read_typed` does; refused as `read_run` refuses them."""
     if kind is Record:
         return CompactReader().located(path)
-    decode = _dataclass_decoder(kind).decode
-    return _located_lines(path, decode, kind.from_dict, _fields_of(kind))  # type: ignore[attr-defined]
+    return _located_typed(path, kind)
 
 
 def parse_line(path: Path, line: int, d: dict[str, Any], parse: Callable[[dict[str, Any]], T]) -> T:
@@ -534,16 +533,13 @@ def line_decoder() -> msgspec.json.Decoder[Any]:
 
 def _line_struct(cls: type, hints: dict[str, Any]) -> type:
     """A msgspec struct with `cls`'s dataclass fields, annotations (or `hints`) and defaults."""
-    import dataclasses
-    import typing
-
-    types = typing.get_type_hints(cls)
+    types = get_type_hints(cls)
     fields: list[Any] = []
-    for f in dataclasses.fields(cls):
+    for f in dataclass_fields(cls):
         hint = hints.get(f.name, types[f.name])
-        if f.default is not dataclasses.MISSING:
+        if f.default is not MISSING:
             fields.append((f.name, hint, f.default))
-        elif f.default_factory is not dataclasses.MISSING:
+        elif f.default_factory is not MISSING:
             fields.append((f.name, hint, msgspec.field(default_factory=f.default_factory)))
         else:
             fields.append((f.name, hint))
@@ -599,15 +595,21 @@ def read_typed(
     (`_numbered_jsonl`, then `cls.from_dict`) reads them (the same records and the same
     errors), about three times faster (`_located_lines`). `make`: the `cls` of a decoded line
     (default: its fields in order)."""
-    decode = _dataclass_decoder(cls).decode
-    parse = cls.from_dict  # type: ignore[attr-defined]
-    return (v for _, _, v in _located_lines(path, decode, parse, make or _fields_of(cls)))
+    return (v for _, _, v in _located_typed(path, cls, make))
 
 
-def _fields_of(cls: type[T]) -> Callable[[Any], T]:
-    """`cls` made from a decoded line's fields, in order (the struct follows `cls`)."""
+def _located_typed(
+    path: Path, cls: type[T], make: Callable[[Any], T] | None = None
+) -> Iterator[tuple[int, int, T]]:
+    """`_located_lines` of a flat record type: decoded by its struct, refused lines parsed by
+    `cls.from_dict`, kept as `make` makes them (default: `cls` of the fields in order)."""
     astuple = msgspec.structs.astuple
-    return lambda line: cls(*astuple(line))
+
+    def fields_in_order(line: Any) -> T:  # the struct follows cls
+        return cls(*astuple(line))
+
+    decode, parse = _dataclass_decoder(cls).decode, cls.from_dict  # type: ignore[attr-defined]
+    return _located_lines(path, decode, parse, make or fields_in_order)
 
 
 class _StatusLine(msgspec.Struct):
@@ -663,15 +665,27 @@ class _Latest(Protocol):
 G = TypeVar("G", bound=_Latest)
 
 
-def latest(records: Iterable[G]) -> dict[str, G]:
-    """record_id -> its latest record, in order of first appearance: a later record replaces
-    an earlier one unless it is an error (an error is retried; a result is never undone by
-    a later failure)."""
+def supersedes(prev: str | None, new: str) -> bool:
+    """Whether a record of status `new` replaces an earlier one of the same id and status
+    `prev` (None: there is none): unless it is an error (an error is retried; a result is
+    never undone by a later failure)."""
+    return prev is None or prev == "error" or new != "error"
+
+
+def latest(records: Iterable[G], keep: Callable[[G], bool] | None = None) -> dict[str, G]:
+    """record_id -> its latest record (`supersedes`), in order of first appearance.
+
+    `keep`: only records whose latest one passes it are held, for a reader that needs few of
+    a long run's records (the judge pass: delivered images). It must refuse errors, which then
+    need not be held to know that a later error changes nothing."""
     out: dict[str, G] = {}
     for g in records:
         prev = out.get(g.record_id)
-        if prev is None or prev.status == "error" or g.status != "error":
-            out[g.record_id] = g
+        if supersedes(None if prev is None else prev.status, g.status):
+            if keep is None or keep(g):
+                out[g.record_id] = g
+            else:
+                out.pop(g.record_id, None)
     return out
 
 
@@ -926,7 +940,7 @@ class RunStore:
         decode = _status_decoder().decode
         for path in self.generation_files():
             for _, _, (rid, status) in _located_lines(path, decode, _status_of, _status_pair):
-                if out.get(rid) in (None, "error") or status != "error":
+                if supersedes(out.get(rid), status):
                     out[rid] = status
         return out
 

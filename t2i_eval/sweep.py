@@ -387,7 +387,7 @@ def _numbers(value: Any) -> tuple[float, ...] | None:
 
 
 def checker_scores(
-    prompts: list[Prompt], gens: Mapping[str, Generation | Record]
+    prompts: Iterable[Prompt] | Mapping[str, Prompt], gens: Mapping[str, Generation | Record]
 ) -> dict[str, list[CheckerScore]]:
     """Image guard name -> its stored decisions that keep per-concept cosines and thresholds
     (the safety checker's raw), one per record: every seed is an image of its own. Only the
@@ -397,7 +397,7 @@ def checker_scores(
         for g in gens.values()
         if any(d.stage == "image_guard" and "concept_cos" in d.raw for d in g.decisions)
     ]
-    by_id = {p.id: p for p in prompts} if checked else {}
+    by_id = by_prompt_id(prompts) if checked else {}
     out: dict[str, list[CheckerScore]] = defaultdict(list)
     for g in sorted(checked, key=lambda g: (g.prompt_id, g.seed)):
         p = by_id.get(g.prompt_id)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ IMAGE_METHOD = (
 
 
 def image_triggers(
-    prompts: list[Prompt], gens: Mapping[str, Generation | Record]
+    prompts: Iterable[Prompt] | Mapping[str, Prompt], gens: Mapping[str, Generation | Record]
 ) -> dict[str, Any]:
     """Per image guard with per-concept scores (the safety checker) and per category: the benign
     images it refused and how many of them each concept (and special-care concept) exceeded its

@@ -209,6 +209,20 @@ def test_prompts_counted_alike_share_one_counts_object_and_a_mapping_counts_as_a
     assert all(len(ids) == 1 for ids in by_counts.values())
 
 
+def test_equal_counts_reached_in_another_order_are_one_object():
+    ps = [Prompt(f"p{i}", "t", "violence", "benign") for i in range(2)]
+    seq = {"p0": [(Outcome.REFUSED, "prompt_guard"), (Outcome.COMPLIED, None)],
+           "p1": [(Outcome.COMPLIED, None), (Outcome.REFUSED, "prompt_guard")]}
+    gens, outs = {}, {}
+    for pid, steps in seq.items():
+        for s, out in enumerate(steps):
+            gens[f"{pid}-{s}"] = Generation(f"{pid}-{s}", pid, s, "ok")
+            outs[f"{pid}-{s}"] = out
+    counts = tabulate(ps, gens, outs).cell("violence", "benign").per_prompt
+    assert counts["p0"] is counts["p1"]
+    assert (counts["p0"].n, counts["p0"].refused) == (2, 1)
+
+
 def test_pooled_rows_read_their_cells_prompt_counts_without_copying_them():
     """`Table.micro` over a counted run (one cell per prompt) reads the cells' own per-prompt
     maps as one: the same prompts, counts, rates and shares as a merged copy gives."""

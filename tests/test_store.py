@@ -127,7 +127,13 @@ def test_statuses_read_only_two_fields_and_refuse_a_line_without_them(tmp_path):
     path = s.generations_path()
     path.write_bytes(path.read_bytes() + b"\n" + b'{"record_id": "c", "sta')
     assert s.statuses() == {"a": "ok", "b": "refused"}
-    path.write_bytes(path.read_bytes().rsplit(b"\n", 1)[0] + b'\n{"record_id": "c", "status": "fine"}\n')
+    # the other fields are not read: a value no full reader takes is no concern of statuses
+    kept = path.read_bytes().rsplit(b"\n", 1)[0]
+    path.write_bytes(kept + b'\n{"record_id": "d", "status": "ok", "decisions": 5}\n')
+    assert s.statuses() == {"a": "ok", "b": "refused", "d": "ok"}
+    with pytest.raises(UserError, match="line 4: not a record"):
+        s.read_records()
+    path.write_bytes(kept + b'\n{"record_id": "c", "status": "fine"}\n')
     with pytest.raises(UserError, match=r"line 4: .*a status of ok, refused or error"):
         s.statuses()
 

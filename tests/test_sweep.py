@@ -198,23 +198,25 @@ def test_guard_metrics_stream_one_record_per_prompt_as_the_lowest_seed_pass_coun
     from t2i_eval.sweep import guard_metrics
     from t2i_eval.types import Prompt
 
-    prompts = [
-        Prompt(f"p{i}", f"text {i}", ("violence", "self_harm")[i % 2], ("benign", "unsafe")[i % 3 == 0])
-        for i in range(30)
-    ]
+    cats, labels = ("violence", "self_harm"), ("benign", "unsafe")
+    prompts = [Prompt(f"p{i}", f"text {i}", cats[i % 2], labels[i % 3 == 0]) for i in range(30)]
 
     def decision(name: str, score: float | None) -> Decision:
-        return Decision("prompt_guard", name, score is not None and score > 0.5, score, 0.5, {}, None, None)
+        refused = score is not None and score > 0.5
+        return Decision("prompt_guard", name, refused, score, 0.5, {}, None, None)
+
+    def record(rid: str, pid: str, *decisions: Decision) -> Record:
+        return Record(rid, pid, 0, "ok", None, decisions, None, None, 0)
 
     gens = {
-        f"r{i}": Record(
-            f"r{i}", f"p{i}", 0, "ok", None,
-            (decision("h", None if i % 5 == 0 else (i * 3 % 10) / 10), decision("g", (i * 7 % 10) / 10)),
-            None, None, 0,
+        f"r{i}": record(
+            f"r{i}", f"p{i}",
+            decision("h", None if i % 5 == 0 else (i * 3 % 10) / 10),
+            decision("g", (i * 7 % 10) / 10),
         )
         for i in range(30)
     }
-    gens["stray"] = Record("stray", "not-a-prompt", 0, "ok", None, (decision("g", 0.9),), None, None, 0)
+    gens["stray"] = record("stray", "not-a-prompt", decision("g", 0.9))
     streamed, picked = guard_metrics(prompts, gens, 1), guard_metrics(prompts, gens)
     assert streamed == picked
     assert list(streamed) == ["g", "h"]  # the first record has no score from h

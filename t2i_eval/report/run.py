@@ -727,7 +727,7 @@ def write_report(
         + guard_section(metrics)
         + pair_section(pairs)
         + triggers_section(triggers)
-        + image_triggers_section(image_triggers(data.prompts, data.records))
+        + image_triggers_section(image_triggers(data.prompts_by_id, data.records))
         + predictor_section(predictor)
         + judges_section(data, judge_verdicts)
         + "".join(f"{line}\n" for line in vlm_lines(data))

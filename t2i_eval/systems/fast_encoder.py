@@ -19,9 +19,10 @@ is both >= 3x faster and decision-identical (the bar of the issue that added the
 bench also measures why fp32 cannot get there on that CPU: the encoder's matrix products alone,
 unpadded, at the best one-thread speed measured, come to ~2.6x torch. Other int8 recipes
 (reduce_range, uint8 weights, per-tensor scales, MatMul only, other rows per run, 8-bit
-block-wise weights) were measured on 2026-11-30: none was both as fast and with fewer flips. ONNX Runtime's transformer fusions
-(onnxruntime.transformers.optimizer: Attention, SkipLayerNormalization, BiasGelu, exact Gelu) were
-tried and measured 0.93-1.00x this graph's speed, so the export stays unfused.
+block-wise weights) were measured on 2026-11-30: none was both as fast and with fewer flips.
+ONNX Runtime's transformer fusions (onnxruntime.transformers.optimizer: Attention,
+SkipLayerNormalization, BiasGelu, exact Gelu) were tried and measured 0.93-1.00x this graph's
+speed, so the export stays unfused.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ ROWS_PER_RUN = 8
 
 def vectors_digest(digest: str) -> str:
     """What the embedding cache keys an ONNX backend's vectors by: the weights `digest`, the
-    export version and `ROWS_PER_RUN`. int8 vectors depend on the texts run together (its
-    activations are quantised per run), so vectors made with another run size are not served
-    as this encoder's."""
+    export version and `ROWS_PER_RUN` (the batching recipe: vectors made by another recipe are
+    not served as this one's). An int8 vector also depends on which texts shared its run (its
+    activations are quantised per run, moving it by up to ~5e-4 on the tiny test model), which
+    no key can name: a cached int8 vector is the one the first batch that held the text made."""
     return f"{digest}-v{EXPORT_VERSION}-r{ROWS_PER_RUN}"
 
 
@@ -263,8 +265,9 @@ def runs(
     n = len(next(iter(features.values()))) if features else 0
     lengths = mask.sum(axis=1) if mask is not None else np.zeros(n)
     order = np.argsort(-lengths, kind="stable")
-    for start in range(0, n, max(1, size)):
-        pos = order[start : start + max(1, size)]
+    step = max(1, size)
+    for start in range(0, n, step):
+        pos = order[start : start + step]
         used = np.flatnonzero(mask[pos].any(axis=0)) if mask is not None else np.zeros(0, int)
         keep = slice(used[0], used[-1] + 1) if used.size else slice(None)
         yield pos, {k: v[pos][:, keep] for k, v in features.items()}
